@@ -1,0 +1,135 @@
+"""``model.yaml``: what a model repository entry says about its model.
+
+Written by ``visionserve export``, read by the server. Checked at construction, with
+messages that say how to fix the file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("classification", "segmentation")
+KNOWN_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """min/opt/max of each dynamic dimension. The TensorRT build and the batcher read it."""
+
+    batch: tuple[int, int, int] = (1, 8, 32)
+    height: tuple[int, int, int] | None = None  # None: fixed by the model's input size
+    width: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for dim in ("batch", "height", "width"):
+            value = getattr(self, dim)
+            if value is None:
+                continue
+            value = tuple(int(v) for v in value)
+            object.__setattr__(self, dim, value)
+            if len(value) != 3 or not 1 <= value[0] <= value[1] <= value[2]:
+                raise ValueError(
+                    f"profile.{dim} must be [min, opt, max] with 1 <= min <= opt <= max, got {list(value)}"
+                )
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image tensor the model takes: NCHW float32, RGB, (pixel/255 - mean) / std."""
+
+    name: str = "image"
+    height: int = 96
+    width: int = 96
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"input.height and input.width must be positive, got {self.height}x{self.width}")
+        for key in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, key))
+            object.__setattr__(self, key, value)
+            if len(value) != 3:
+                raise ValueError(f"input.{key} needs 3 values (R, G, B), got {list(value)}")
+        if any(s <= 0 or not math.isfinite(s) for s in self.std):
+            raise ValueError(f"input.std values must be positive, got {list(self.std)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    task: str
+    labels: tuple[str, ...]
+    input: InputSpec = field(default_factory=InputSpec)
+    # ONNX output names by role: classification uses "logits"/"probabilities",
+    # segmentation uses "mask" (per-pixel class index).
+    outputs: dict[str, str] = field(default_factory=dict)
+    profile: ShapeProfile = field(default_factory=ShapeProfile)
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 2.0
+    backends: tuple[str, ...] = ("onnxruntime-cpu",)
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if len(self.labels) < 2:
+            raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
+        if self.task == "segmentation" and len(self.labels) > 255:
+            raise ValueError(f"segmentation masks are uint8: at most 255 classes, got {len(self.labels)}")
+        needed = "mask" if self.task == "segmentation" else "probabilities"
+        if needed not in self.outputs:
+            raise ValueError(f"outputs must name the ONNX output for {needed!r} ({self.task}), got {self.outputs}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        unknown = [b for b in self.backends if b not in KNOWN_BACKENDS]
+        if unknown or not self.backends:
+            raise ValueError(f"backends must be a non-empty list from {KNOWN_BACKENDS}, got {list(self.backends)}")
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"ignore_index must be in 0..255, got {self.ignore_index}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        try:
+            data["input"] = InputSpec(**data.get("input", {}))
+            data["profile"] = ShapeProfile(**data.get("profile", {}))
+            return cls(**data)
+        except TypeError as exc:  # unknown or missing keys
+            raise ValueError(f"model.yaml: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        data["backends"] = list(self.backends)
+        data["input"]["mean"] = list(self.input.mean)
+        data["input"]["std"] = list(self.input.std)
+        data["profile"] = {k: (list(v) if v is not None else None) for k, v in data["profile"].items()}
+        return data
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
