@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install visionserve with its test and export extras into ./.venv and run the tests.
+# Extra arguments go to pytest (e.g. -m "not slow", -k iou).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -c constraints.txt -e '.[export,test]'
+exec .venv/bin/pytest "$@"

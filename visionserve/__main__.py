@@ -1,0 +1,5 @@
+import sys
+
+from visionserve.cli import main
+
+sys.exit(main())
