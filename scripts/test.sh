@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -c constraints.txt -e '.[export,test]'
+.venv/bin/pip install -q -c constraints.txt -e '.[export,test,tensorrt-rtx]'
 exec .venv/bin/pytest "$@"

@@ -1,0 +1,43 @@
+"""Errors the serving path raises, each carrying the gRPC status it maps to.
+
+Pure Python (no grpc import), so pure-numpy modules such as ``iou`` can raise them.
+The servicer turns them into ``context.abort(grpc.StatusCode[err.status], str(err))``.
+"""
+
+from __future__ import annotations
+
+
+class VisionServeError(Exception):
+    """Base class; ``status`` is the name of a ``grpc.StatusCode`` member."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(VisionServeError, ValueError):
+    """The request is malformed: undecodable image, bad shape, labels out of range..."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(VisionServeError, LookupError):
+    """Unknown model or version."""
+
+    status = "NOT_FOUND"
+
+
+class ResourceExhausted(VisionServeError):
+    """A size limit was exceeded (decoded pixels, message size)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(VisionServeError):
+    """The server is not ready (still loading) or is shutting down."""
+
+    status = "UNAVAILABLE"
+
+
+class BackendError(VisionServeError):
+    """Inference failed inside a backend, or the model returned something unexpected."""
+
+    status = "INTERNAL"
