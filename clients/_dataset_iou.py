@@ -15,6 +15,47 @@ import numpy as np
 from visionserve.clients._types import IoUResult
 
 
+def confusion_matrix(
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int | None = 255
+) -> np.ndarray:
+    """int64 [num_classes, num_classes]: rows are true classes, columns predicted ones.
+
+    Pixels whose truth equals ``ignore_index`` are left out.
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in size")
+    n = num_classes
+    if pred.size and int(pred.max()) >= n:
+        raise ValueError(
+            f"predicted class {int(pred.max())} in a {n}-class confusion matrix: expected 0..{n - 1}"
+        )
+    # One bincount over truth * n + pred (uint8 inputs: every value lands in 256 * n bins),
+    # then the ignore row dropped and anything else past n * n reported.
+    counts = np.bincount((truth.astype(np.intp) * n + pred).ravel(), minlength=256 * n)
+    if ignore_index is not None and 0 <= ignore_index < 256:
+        counts[ignore_index * n : (ignore_index + 1) * n] = 0
+    if counts[n * n :].any():
+        bad = int(np.flatnonzero(counts[n * n :])[-1]) // n + n
+        raise ValueError(
+            f"ground-truth class values up to {bad} in a {n}-class confusion matrix: "
+            f"expected 0..{n - 1} or the ignore index {ignore_index}"
+        )
+    return counts[: n * n].reshape(n, n).astype(np.int64)
+
+
+def iou_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(intersection, union) per class from a confusion matrix."""
+    intersection = np.diag(confusion).astype(np.int64)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
+    return intersection, union.astype(np.int64)
+
+
+def nan_mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
+    """Mean IoU over classes with a non-zero union (NaN if there is none)."""
+    present = union > 0
+    return float(np.mean(intersection[present] / union[present])) if present.any() else math.nan
+
+
 @dataclass
 class DatasetIoU:
     labels: list[str]
@@ -60,8 +101,13 @@ class DatasetIoU:
             "pixel_accuracy": _json_float(self.pixel_accuracy()),
             "per_image_mean_iou_average": _json_float(float(np.mean(valid)) if valid else math.nan),
             "classes": [
-                {"index": i, "label": label, "intersection": int(self.intersection[i]),
-                 "union": int(self.union[i]), "iou": _json_float(float(iou[i]))}
+                {
+                    "index": i,
+                    "label": label,
+                    "intersection": int(self.intersection[i]),
+                    "union": int(self.union[i]),
+                    "iou": _json_float(float(iou[i])),
+                }
                 for i, label in enumerate(self.labels)
             ],
         }
@@ -72,8 +118,12 @@ class DatasetIoU:
         lines = [f"{'class':<{width}}  {'IoU':>7}  {'intersection':>12}  {'union':>12}"]
         for i, label in enumerate(self.labels):
             value = "absent" if math.isnan(iou[i]) else f"{iou[i]:.4f}"
-            lines.append(f"{label:<{width}}  {value:>7}  {self.intersection[i]:>12}  {self.union[i]:>12}")
-        lines.append(f"{'mean IoU':<{width}}  {self.mean_iou():>7.4f}   (dataset-level, {self.images} images)")
+            lines.append(
+                f"{label:<{width}}  {value:>7}  {self.intersection[i]:>12}  {self.union[i]:>12}"
+            )
+        lines.append(
+            f"{'mean IoU':<{width}}  {self.mean_iou():>7.4f}   (dataset-level, {self.images} images)"
+        )
         lines.append(f"{'pixel acc':<{width}}  {self.pixel_accuracy():>7.4f}")
         return "\n".join(lines)
 

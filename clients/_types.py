@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from visionserve.clients._errors import VisionServeError
 from visionserve.protos import visionserve_pb2 as pb
 
 
@@ -76,12 +77,25 @@ def classify_result(msg: pb.ClassifyResponse) -> ClassifyResult:
 
 def iou_result(msg: pb.IoUReport) -> IoUResult:
     classes = tuple(
-        ClassIoU(c.index, c.label, int(c.intersection), int(c.union), c.iou if c.present else math.nan)
+        ClassIoU(
+            c.index, c.label, int(c.intersection), int(c.union), c.iou if c.present else math.nan
+        )
         for c in msg.classes
     )
-    return IoUResult(classes, msg.mean_iou, msg.pixel_accuracy, int(msg.scored_pixels), msg.ignore_index)
+    return IoUResult(
+        classes, msg.mean_iou, msg.pixel_accuracy, int(msg.scored_pixels), msg.ignore_index
+    )
 
 
 def segment_result(msg: pb.SegmentResponse) -> SegmentResult:
     iou = iou_result(msg.iou) if msg.HasField("iou") else None
     return SegmentResult(msg.model, msg.version, msg.request_id, decode_mask(msg.mask), iou)
+
+
+def stream_item(msg: pb.SegmentResponse) -> SegmentResult | VisionServeError:
+    """A response as a result, or as the error it carries in-band (SegmentStream)."""
+    if msg.error_code:
+        error = VisionServeError.from_status(msg.error_code, msg.error_message)
+        error.request_id = msg.request_id
+        return error
+    return segment_result(msg)

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -c constraints.txt -e '.[export,test,tensorrt-rtx]'
+# tritonclient's metadata pins protobuf<7 (it works on 7): install it without dependencies.
+.venv/bin/pip install -q -c constraints.txt --no-deps tritonclient python-rapidjson
 exec .venv/bin/pytest "$@"

@@ -26,7 +26,7 @@ class NotFound(VisionServeError, LookupError):
 
 
 class ResourceExhausted(VisionServeError):
-    """A size limit was exceeded (decoded pixels, message size)."""
+    """A limit was exceeded: decoded pixels, message size, a full request queue."""
 
     status = "RESOURCE_EXHAUSTED"
 
@@ -41,3 +41,9 @@ class BackendError(VisionServeError):
     """Inference failed inside a backend, or the model returned something unexpected."""
 
     status = "INTERNAL"
+
+
+class DeadlineExceeded(VisionServeError):
+    """The request's deadline passed before it could run (it never reached the backend)."""
+
+    status = "DEADLINE_EXCEEDED"

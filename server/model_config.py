@@ -50,7 +50,9 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
-            raise ValueError(f"input.height and input.width must be positive, got {self.height}x{self.width}")
+            raise ValueError(
+                f"input.height and input.width must be positive, got {self.height}x{self.width}"
+            )
         for key in ("mean", "std"):
             value = tuple(float(v) for v in getattr(self, key))
             object.__setattr__(self, key, value)
@@ -72,6 +74,10 @@ class ModelConfig:
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     max_batch_size: int = 8
     max_queue_delay_ms: float = 2.0
+    # Dynamic batcher: worker threads running batches in parallel (Triton's instance
+    # count) and the bound on waiting requests (past it: RESOURCE_EXHAUSTED).
+    instances: int = 1
+    max_queue_size: int = 128
     backends: tuple[str, ...] = ("onnxruntime-cpu",)
     ignore_index: int = 255
 
@@ -83,17 +89,27 @@ class ModelConfig:
         if len(self.labels) < 2:
             raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
         if self.task == "segmentation" and len(self.labels) > 255:
-            raise ValueError(f"segmentation masks are uint8: at most 255 classes, got {len(self.labels)}")
+            raise ValueError(
+                f"segmentation masks are uint8: at most 255 classes, got {len(self.labels)}"
+            )
         needed = "mask" if self.task == "segmentation" else "probabilities"
         if needed not in self.outputs:
-            raise ValueError(f"outputs must name the ONNX output for {needed!r} ({self.task}), got {self.outputs}")
+            raise ValueError(
+                f"outputs must name the ONNX output for {needed!r} ({self.task}), got {self.outputs}"
+            )
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.instances < 1:
+            raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
         unknown = [b for b in self.backends if b not in KNOWN_BACKENDS]
         if unknown or not self.backends:
-            raise ValueError(f"backends must be a non-empty list from {KNOWN_BACKENDS}, got {list(self.backends)}")
+            raise ValueError(
+                f"backends must be a non-empty list from {KNOWN_BACKENDS}, got {list(self.backends)}"
+            )
         if not 0 <= self.ignore_index <= 255:
             raise ValueError(f"ignore_index must be in 0..255, got {self.ignore_index}")
 
@@ -117,7 +133,9 @@ class ModelConfig:
         data["backends"] = list(self.backends)
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
-        data["profile"] = {k: (list(v) if v is not None else None) for k, v in data["profile"].items()}
+        data["profile"] = {
+            k: (list(v) if v is not None else None) for k, v in data["profile"].items()
+        }
         return data
 
     @classmethod

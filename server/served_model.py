@@ -1,28 +1,29 @@
-"""A loaded model version: config + backend, with batch ``classify`` / ``segment``.
+"""A loaded model version: config + backend + dynamic batcher.
 
-The servicer only talks to ``ServedModel``; a dynamic batcher can later sit inside it
-(collecting single requests into the batches these methods already take) without
-touching the servicer. ``ModelRegistry`` holds every loaded version.
+``ServedModel.classify`` / ``segment`` take decoded images, ``infer`` takes the model's
+input tensor (the KServe path); all of them go through the model's ``Batcher``, so
+concurrent single requests become batches. ``enter``/``exit`` count requests in flight
+so that ``retire`` (unload, or a version swapped out) lets them finish first.
+``registry.ModelRegistry`` holds every loaded version.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
-
 from visionserve.server.backends.base import Backend
-from visionserve.server.errors import BackendError, InvalidArgument, NotFound, Unavailable
+from visionserve.server.batcher import Batcher, BatchObserver
+from visionserve.server.errors import BackendError, DeadlineExceeded, InvalidArgument
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.postprocess import resize_mask
-from visionserve.server.preprocess import preprocess_batch
-from visionserve.server.repository import (
-    ModelEntry,
-    ModelRepository,
-    check_model_name,
-    parse_version,
-)
+from visionserve.server.preprocess import preprocess
+from visionserve.server.repository import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,23 @@ def load_backend(entry: ModelEntry, intra_op_threads: int = 0) -> Backend:
 
 
 class ServedModel:
-    """One model version ready to run batches of decoded RGB images."""
+    """One model version ready to run requests, batched by its own ``Batcher``."""
 
-    def __init__(self, name: str, version: int, config: ModelConfig, backend: Backend) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: ModelConfig,
+        backend: Backend,
+        *,
+        observer: BatchObserver | None = None,
+        source: object = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.config = config
         self.backend = backend
+        self.source = source  # what it was loaded from (the repository's change signature)
         inputs = {spec.name for spec in backend.inputs}
         outputs = {spec.name for spec in backend.outputs}
         if config.input.name not in inputs:
@@ -88,6 +99,17 @@ class ServedModel:
             raise ValueError(
                 f"{name} v{version}: model.yaml outputs {missing} are not model outputs {sorted(outputs)}"
             )
+        self._batcher = Batcher(
+            f"{name} v{version}",
+            self._infer_batch,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+            queue_size=config.max_queue_size,
+            instances=config.instances,
+            observer=observer,
+        )
+        self._in_flight = 0
+        self._idle = threading.Condition()
 
     @property
     def task(self) -> str:
@@ -100,13 +122,21 @@ class ServedModel:
                 f"{rpc} needs a {task} model, but {self.name!r} is a {self.task} model"
             )
 
-    def classify(self, images: list[np.ndarray]) -> np.ndarray:
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, tensor: np.ndarray, deadline: float | None = None) -> Future:
+        """Queue an input tensor ``[rows, C, H, W]``; the future gives every output."""
+        return self._batcher.submit(tensor, deadline)
+
+    def infer(self, tensor: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Run an input tensor through the batcher and wait for its outputs."""
+        return wait_for(self.submit(tensor, deadline), deadline)
+
+    def classify(self, images: list[np.ndarray], deadline: float | None = None) -> np.ndarray:
         """RGB images -> class probabilities, float32 [N, num_classes]."""
         self.require_task("classification", "classify")
-        rows = [
-            self._run(chunk, self.config.outputs["probabilities"]) for chunk in self._chunks(images)
-        ]
-        probabilities = np.concatenate(rows, axis=0)
+        name = self.config.outputs["probabilities"]
+        futures = [self.submit(self.prepare(image), deadline) for image in images]
+        probabilities = np.concatenate([wait_for(f, deadline)[name] for f in futures], axis=0)
         expected = (len(images), self.config.num_classes)
         if probabilities.shape != expected:
             raise BackendError(
@@ -114,112 +144,93 @@ class ServedModel:
             )
         return probabilities.astype(np.float32, copy=False)
 
-    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def segment(self, images: list[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
         """RGB images -> uint8 class masks, each at its image's original height x width."""
         self.require_task("segmentation", "segment")
-        spec = self.config.input
-        masks: list[np.ndarray] = []
-        for chunk in self._chunks(images):
-            out = self._run(chunk, self.config.outputs["mask"])
-            if out.ndim == 4 and out.shape[1] == 1:
-                out = out[:, 0]
-            if out.shape != (len(chunk), spec.height, spec.width):
-                raise BackendError(
-                    f"{self.name}: model returned a mask of shape {out.shape}, "
-                    f"expected {(len(chunk), spec.height, spec.width)}"
-                )
-            if out.size and (out.min() < 0 or out.max() >= self.config.num_classes):
-                raise BackendError(
-                    f"{self.name}: model returned class values {int(out.min())}..{int(out.max())}, "
-                    f"expected 0..{self.config.num_classes - 1}"
-                )
-            out = out.astype(np.uint8, copy=False)
-            masks += [
-                resize_mask(m, img.shape[0], img.shape[1])
-                for m, img in zip(out, chunk, strict=True)
-            ]
-        return masks
+        futures = [self.submit(self.prepare(image), deadline) for image in images]
+        return [
+            self.finish_mask(wait_for(f, deadline), image)
+            for f, image in zip(futures, images, strict=True)
+        ]
 
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """A decoded RGB image -> the model's input tensor with one row."""
+        return preprocess(image, self.config.input)[None]
+
+    def finish_mask(self, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+        """One request's outputs -> its uint8 mask at ``image``'s size (checked)."""
+        spec = self.config.input
+        out = outputs[self.config.outputs["mask"]]
+        if out.ndim == 4 and out.shape[1] == 1:
+            out = out[:, 0]
+        if out.shape != (1, spec.height, spec.width):
+            raise BackendError(
+                f"{self.name}: model returned a mask of shape {out.shape}, "
+                f"expected {(1, spec.height, spec.width)}"
+            )
+        if out.size and (out.min() < 0 or out.max() >= self.config.num_classes):
+            raise BackendError(
+                f"{self.name}: model returned class values {int(out.min())}..{int(out.max())}, "
+                f"expected 0..{self.config.num_classes - 1}"
+            )
+        return resize_mask(out[0].astype(np.uint8, copy=False), image.shape[0], image.shape[1])
+
+    # -- lifecycle -----------------------------------------------------------------------
     def warmup(self) -> None:
-        """One inference on a mid-gray image, so the first request is not the slow one."""
-        image = np.full((self.config.input.height, self.config.input.width, 3), 128, dtype=np.uint8)
+        """Run batch 1 and ``max_batch_size`` on the backend, then one request end to end."""
+        image = np.full((self.config.input.height, self.config.input.width, 3), 128, np.uint8)
+        tensor = self.prepare(image)
+        for rows in sorted({1, self.config.max_batch_size}):
+            self._infer_batch(np.repeat(tensor, rows, axis=0))
         if self.task == "classification":
             self.classify([image])
         else:
             self.segment([image])
 
+    def enter(self) -> None:
+        """A request starts using this model (the registry calls it under its lock)."""
+        with self._idle:
+            self._in_flight += 1
+
+    def exit(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def retire(self, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout``) for requests in flight to finish, then close.
+
+        Returns False when requests were still in flight at the timeout.
+        """
+        with self._idle:
+            drained = self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+        if not drained:
+            log.warning("%s v%d: closing with requests still in flight", self.name, self.version)
+        self.close()
+        return drained
+
     def close(self) -> None:
+        """Run what is queued, stop the batcher's workers, release the backend."""
+        self._batcher.close()
         self.backend.close()
 
-    def _chunks(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
-        size = self.config.max_batch_size
-        return [images[i : i + size] for i in range(0, len(images), size)]
-
-    def _run(self, images: list[np.ndarray], output: str) -> np.ndarray:
-        batch = preprocess_batch(images, self.config.input)
+    def _infer_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         try:
-            return self.backend.infer({self.config.input.name: batch})[output]
+            return self.backend.infer({self.config.input.name: batch})
         except Exception as exc:
             raise BackendError(
                 f"{self.name} v{self.version}: inference failed: {type(exc).__name__}: {exc}"
             ) from exc
 
 
-class ModelRegistry:
-    """Every loaded version of every model, looked up by request (name, version)."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, dict[int, ServedModel]] = {}
-        self.ready = False
-
-    def load_all(
-        self, repository: ModelRepository, intra_op_threads: int = 0, warmup: bool = True
-    ) -> None:
-        """Load (and warm up) every version in ``repository``, then mark the registry ready.
-
-        Errors name the model; nothing is served unless every model loaded.
-        """
-        models: dict[str, dict[int, ServedModel]] = {}
-        for entry in repository.entries():
-            backend = load_backend(entry, intra_op_threads)
-            model = ServedModel(entry.name, entry.version, entry.config, backend)
-            if warmup:
-                model.warmup()
-            models.setdefault(entry.name, {})[entry.version] = model
-        if not models:
-            log.warning("model repository %s holds no models", repository.root)
-        self._models = models
-        self.ready = True
-
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def versions(self, name: str) -> list[int]:
-        return sorted(self._models.get(name, {}))
-
-    def get(self, name: str, version: str = "") -> ServedModel:
-        """The model ``name`` at ``version`` (empty: latest); NOT_FOUND lists what exists."""
-        if not self.ready:
-            raise Unavailable(
-                "the server is still loading its models; retry when health is SERVING"
-            )
-        check_model_name(name)
-        wanted = parse_version(version)
-        versions = self._models.get(name)
-        if not versions:
-            raise NotFound(
-                f"unknown model {name!r}: available models are {', '.join(self.names()) or 'none'}"
-            )
-        if wanted is None:
-            return versions[max(versions)]
-        if wanted not in versions:
-            raise NotFound(
-                f"model {name!r} has no version {wanted}: available versions are "
-                f"{', '.join(str(v) for v in sorted(versions))}"
-            )
-        return versions[wanted]
-
-    def close(self) -> None:
-        for versions in self._models.values():
-            for model in versions.values():
-                model.close()
+def wait_for(future: Future, deadline: float | None) -> dict[str, np.ndarray]:
+    """The future's result; ``DeadlineExceeded`` (and the request cancelled) at ``deadline``."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        return future.result(timeout)
+    except FutureTimeout:
+        future.cancel()
+        raise DeadlineExceeded(
+            "the request's deadline passed while it waited for inference"
+        ) from None

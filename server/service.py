@@ -8,25 +8,60 @@ was expected; ``SegmentStream`` answers a failed item with ``error_code`` /
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 import numpy as np
-
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server import codec
 from visionserve.server.errors import InvalidArgument, VisionServeError
 from visionserve.server.iou import compute_iou
 from visionserve.server.postprocess import top_k
-from visionserve.server.served_model import ModelRegistry, ServedModel
+from visionserve.server.registry import ModelRegistry
+from visionserve.server.served_model import ServedModel, wait_for
 from visionserve.server.settings import ServerSettings
+from visionserve.server.stream import Pipeline
 
 log = logging.getLogger(__name__)
 
 # "visionserve.v1.VisionService"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionService"].full_name
+
+NO_DEADLINE_S = 10 * 365 * 24 * 3600.0
+STREAM_WINDOW = 32  # SegmentStream requests in flight per stream
+
+
+@dataclass(frozen=True)
+class _SegmentJob:
+    """A Segment request submitted to its model's batcher, waiting for the mask."""
+
+    model: ServedModel
+    request: pb.SegmentRequest
+    image: np.ndarray
+    truth: np.ndarray | None
+    ignore_index: int
+    future: Future
+
+
+@dataclass(frozen=True)
+class _StreamItem:
+    """One SegmentStream request: begun (``job``, holding its model) or failed (``error``)."""
+
+    request: pb.SegmentRequest
+    job: _SegmentJob | None = None
+    error: Exception | None = None
+
+
+def _stream_discard(item: _StreamItem) -> None:
+    if item.job is not None:
+        item.job.future.cancel()
+        item.job.model.exit()
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -62,47 +97,48 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     def Classify(
         self, request: pb.ClassifyRequest, context: grpc.ServicerContext
     ) -> pb.ClassifyResponse:
-        return _unary(self._classify, request, context, "Classify")
+        return unary(self._classify, request, context, "Classify")
 
     def Segment(
         self, request: pb.SegmentRequest, context: grpc.ServicerContext
     ) -> pb.SegmentResponse:
-        return _unary(self._segment, request, context, "Segment")
+        return unary(self._segment, request, context, "Segment")
 
     def SegmentStream(
         self, request_iterator: Iterator[pb.SegmentRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SegmentResponse]:
-        for request in request_iterator:
-            try:
-                yield self._segment(request)
-            except Exception as exc:  # noqa: BLE001 - answered in-band, the stream goes on
-                yield pb.SegmentResponse(
-                    model=request.model,
-                    version=request.version,
-                    request_id=request.request_id,
-                    error_code=status_of(exc).value[0],
-                    error_message=message_of(exc, "SegmentStream"),
-                )
+        """Up to ``STREAM_WINDOW`` requests in flight; answers in request order; a failed
+        request is answered in-band (``error_code``) and the stream goes on."""
+        deadline = deadline_of(context)
+        pipeline = Pipeline(
+            lambda request: self._stream_begin(request, deadline),
+            lambda item: self._stream_end(item, deadline),
+            _stream_discard,
+            STREAM_WINDOW,
+        )
+        return pipeline.run(request_iterator)
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        return _unary(self._list_models, request, context, "ListModels")
+        return unary(self._list_models, request, context, "ListModels")
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return _unary(
-            lambda r: self._model_info(self._registry.get(r.model, r.version)),
+        return unary(
+            lambda r, c: self._model_info(self._registry.get(r.model, r.version)),
             request,
             context,
             "GetModel",
         )
 
     # -- implementation -----------------------------------------------------
-    def _classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-        model = self._registry.get(request.model, request.version)
-        model.require_task("classification", "Classify")
-        image = self._decode_image(request.image)
-        probabilities = model.classify([image])[0]
+    def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.ServicerContext
+    ) -> pb.ClassifyResponse:
+        with self._registry.use(request.model, request.version) as model:
+            model.require_task("classification", "Classify")
+            image = self._decode_image(request.image)
+            probabilities = model.classify([image], deadline_of(context))[0]
         k = min(request.top_k or self._settings.default_top_k, model.config.num_classes)
         labels = model.config.labels
         return pb.ClassifyResponse(
@@ -114,8 +150,46 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             ],
         )
 
-    def _segment(self, request: pb.SegmentRequest) -> pb.SegmentResponse:
-        model = self._registry.get(request.model, request.version)
+    def _segment(
+        self, request: pb.SegmentRequest, context: grpc.ServicerContext
+    ) -> pb.SegmentResponse:
+        deadline = deadline_of(context)
+        with self._registry.use(request.model, request.version) as model:
+            return self._end_segment(self._begin_segment(model, request, deadline), deadline)
+
+    def _stream_begin(self, request: pb.SegmentRequest, deadline: float | None) -> _StreamItem:
+        try:
+            model = self._registry.acquire(request.model, request.version)
+        except Exception as exc:  # noqa: BLE001 - answered in-band
+            return _StreamItem(request, error=exc)
+        try:
+            return _StreamItem(request, job=self._begin_segment(model, request, deadline))
+        except Exception as exc:  # noqa: BLE001 - answered in-band
+            model.exit()
+            return _StreamItem(request, error=exc)
+
+    def _stream_end(self, item: _StreamItem, deadline: float | None) -> pb.SegmentResponse:
+        error = item.error
+        if item.job is not None:
+            try:
+                return self._end_segment(item.job, deadline)
+            except Exception as exc:  # noqa: BLE001 - answered in-band
+                error = exc
+            finally:
+                item.job.model.exit()
+        request = item.request
+        return pb.SegmentResponse(
+            model=request.model,
+            version=request.version,
+            request_id=request.request_id,
+            error_code=status_of(error).value[0],
+            error_message=message_of(error, "SegmentStream"),
+        )
+
+    def _begin_segment(
+        self, model: ServedModel, request: pb.SegmentRequest, deadline: float | None
+    ) -> _SegmentJob:
+        """Validate, decode, and submit to the batcher (does not wait)."""
         model.require_task("segmentation", "Segment")
         if request.mask_format not in pb.MaskFormat.values():
             raise InvalidArgument(
@@ -131,18 +205,24 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                         f"ignore_index is {ignore_index}: expected 0..255 (masks are uint8)"
                     )
             truth = self._decode_truth(request.ground_truth, image.shape[:2])
-        mask = model.segment([image])[0]
+        future = model.submit(model.prepare(image), deadline)
+        return _SegmentJob(model, request, image, truth, ignore_index, future)
+
+    def _end_segment(self, job: _SegmentJob, deadline: float | None) -> pb.SegmentResponse:
+        """Wait for the batch, bring the mask to the image's size, encode, score IoU."""
+        model, request = job.model, job.request
+        mask = model.finish_mask(wait_for(job.future, deadline), job.image)
         response = pb.SegmentResponse(
             model=model.name,
             version=str(model.version),
             request_id=request.request_id,
             mask=_encode_mask(mask, request.mask_format),
         )
-        if truth is not None:
-            response.iou.CopyFrom(_iou_report(mask, truth, model, ignore_index))
+        if job.truth is not None:
+            response.iou.CopyFrom(_iou_report(mask, job.truth, model, job.ignore_index))
         return response
 
-    def _list_models(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+    def _list_models(self, request: pb.ListModelsRequest, context: object) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[self._model_info(self._registry.get(n)) for n in self._registry.names()]
         )
@@ -194,16 +274,24 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         return truth
 
 
-def _unary(
-    handler: Callable[[Request], Response],
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The RPC's deadline on the ``time.monotonic()`` clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_S:  # gRPC reports "none" as ~infinite
+        return None
+    return time.monotonic() + remaining
+
+
+def unary(
+    handler: Callable[[Request, grpc.ServicerContext], Response],
     request: Request,
     context: grpc.ServicerContext,
     rpc: str,
 ) -> Response:
-    """Run ``handler``; turn any exception into ``context.abort(code, message)``."""
+    """Run ``handler(request, context)``; turn any exception into ``context.abort``."""
     try:
-        return handler(request)
-    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+        return handler(request, context)
+    except Exception as exc:
         context.abort(status_of(exc), message_of(exc, rpc))
         raise  # unreachable: abort raises
 

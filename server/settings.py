@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,22 @@ ENV_VARS = {
     "grace_period_s": "VISIONSERVE_GRACE_PERIOD_S",
     "intra_op_threads": "VISIONSERVE_INTRA_OP_THREADS",
     "max_concurrent_rpcs": "VISIONSERVE_MAX_CONCURRENT_RPCS",
+    "max_batch_size": "VISIONSERVE_MAX_BATCH_SIZE",
+    "max_queue_delay_ms": "VISIONSERVE_MAX_QUEUE_DELAY_MS",
+    "instances": "VISIONSERVE_INSTANCES",
+    "max_queue_size": "VISIONSERVE_MAX_QUEUE_SIZE",
+    "metrics_port": "VISIONSERVE_METRICS_PORT",
+    "model_control": "VISIONSERVE_MODEL_CONTROL",
+    "poll_interval_s": "VISIONSERVE_POLL_INTERVAL_S",
+    "tls_cert": "VISIONSERVE_TLS_CERT",
+    "tls_key": "VISIONSERVE_TLS_KEY",
+    "tls_client_ca": "VISIONSERVE_TLS_CLIENT_CA",
+    "auth_token": "VISIONSERVE_AUTH_TOKEN",
 }
+
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+# Settings that override every model's model.yaml batching fields when set.
+BATCHING_OVERRIDES = ("max_batch_size", "max_queue_delay_ms", "instances", "max_queue_size")
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,16 @@ class ServerSettings:
     ``create_server``). ``max_decoded_pixels`` bounds height*width of any decoded image
     or mask (decompression bombs). ``intra_op_threads`` 0 lets ONNX Runtime decide.
     ``max_concurrent_rpcs`` 0 means unbounded; past it gRPC answers RESOURCE_EXHAUSTED.
+
+    ``max_batch_size``, ``max_queue_delay_ms``, ``instances``, ``max_queue_size``: when
+    set, they override every model's model.yaml. ``metrics_port``: None = no metrics
+    endpoint, 0 = a free port. ``model_control``: "none" (load everything at start),
+    "poll" (rescan the repository every ``poll_interval_s``; new versions are loaded,
+    warmed, then swapped in), "explicit" (load/unload through the KServe repository
+    RPCs; ``load_models`` at start, every model when empty). TLS: ``tls_cert`` +
+    ``tls_key`` (PEM); ``tls_client_ca`` additionally requires client certificates
+    signed by that CA (mutual TLS). ``auth_token``: require ``authorization: Bearer
+    <token>`` on every RPC but health checks.
     """
 
     repository: Path
@@ -50,6 +75,18 @@ class ServerSettings:
     intra_op_threads: int = 0
     max_concurrent_rpcs: int = 0
     warmup: bool = True
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    instances: int | None = None
+    max_queue_size: int | None = None
+    metrics_port: int | None = None
+    model_control: str = "none"
+    poll_interval_s: float = 5.0
+    load_models: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repository", Path(self.repository))
@@ -79,6 +116,53 @@ class ServerSettings:
                 f"max_concurrent_rpcs must be >= 0 (0 = unbounded), got {self.max_concurrent_rpcs}"
             )
 
+        self._check_batching()
+        self._check_serving()
+        self._check_security()
+
+    def _check_batching(self) -> None:
+        for name in ("max_batch_size", "instances", "max_queue_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset: model.yaml), got {value}")
+        if self.max_queue_delay_ms is not None and self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+
+    def _check_serving(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(
+                f"metrics_port must be in 0..65535 (0 = a free port; unset = off), got {self.metrics_port}"
+            )
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(
+                f"model_control must be one of {MODEL_CONTROL_MODES}, got {self.model_control!r}"
+            )
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+        object.__setattr__(self, "load_models", tuple(self.load_models))
+
+    def _check_security(self) -> None:
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+                if not Path(value).is_file():
+                    raise ValueError(f"{name} must be an existing PEM file, got {str(value)!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token must not be empty or blank (unset it to turn auth off)")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def batching_overrides(self) -> dict[str, Any]:
+        """The model.yaml batching fields this server overrides (unset ones left out)."""
+        return {k: getattr(self, k) for k in BATCHING_OVERRIDES if getattr(self, k) is not None}
+
     @property
     def address(self) -> str:
         """``host:port`` as gRPC wants it (IPv6 hosts bracketed)."""
@@ -89,11 +173,14 @@ class ServerSettings:
 def _convert(name: str, raw: str) -> Any:
     """Parse one environment value to the type of the setting ``name``."""
     kind = {f.name: f.type for f in fields(ServerSettings)}[name]
+    kind = kind.removesuffix(" | None") if isinstance(kind, str) else kind
     try:
         if kind in ("int", int):
             return int(raw)
         if kind in ("float", float):
             return float(raw)
+        if kind == "Path":
+            return Path(raw)
         if kind in ("bool", bool):
             return raw.strip().lower() in ("1", "true", "yes", "on")
     except ValueError as exc:

@@ -24,11 +24,10 @@ from grpc_health.v1 import health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
 
-import make_models  # noqa: E402
-
-from visionserve.protos import visionserve_pb2_grpc  # noqa: E402
-from visionserve.server.app import VisionServer, create_server  # noqa: E402
-from visionserve.server.settings import ServerSettings  # noqa: E402
+import make_models
+from visionserve.protos import visionserve_pb2_grpc
+from visionserve.server.app import VisionServer, create_server
+from visionserve.server.settings import ServerSettings
 
 TEST_MAX_PIXELS = 4_000_000
 
@@ -58,7 +57,7 @@ def vision_server(server_settings: ServerSettings) -> Iterator[VisionServer]:
     server, _ = create_server(server_settings)
     yield server
     server.stop(None).wait()
-    server.registry.close()
+    server.close()
 
 
 @pytest.fixture(scope="session")
@@ -98,4 +97,4 @@ def start_server(model_repository: Path) -> Iterator[Callable[..., VisionServer]
     yield start
     for server in started:
         server.stop(None).wait()
-        server.registry.close()
+        server.close()

@@ -13,6 +13,8 @@ import make_models
 import numpy as np
 import pytest
 
+from conftest import make_dataset
+
 from visionserve.cli import main
 from visionserve.clients import VisionClient, VisionServeError
 
@@ -60,7 +62,7 @@ def test_segment_returns_mask_at_original_size_and_iou(client: VisionClient) -> 
     inter, union = numpy_iou(result.mask, truth, len(make_models.LABELS))
     assert [c.intersection for c in result.iou.classes] == inter.tolist()
     assert [c.union for c in result.iou.classes] == union.tolist()
-    expected = [i / u for i, u in zip(inter, union) if u]
+    expected = [i / u for i, u in zip(inter, union, strict=True) if u]
     assert result.iou.mean_iou == pytest.approx(np.mean(expected))
 
 
@@ -76,75 +78,82 @@ def test_errors_carry_status_codes(client: VisionClient) -> None:
     assert {m.name for m in client.list_models()} >= {make_models.CLASSIFIER, make_models.SEGMENTER}
 
 
-def make_folder(root: Path, count: int) -> tuple[Path, Path]:
-    rng = np.random.default_rng(11)
-    images, gts = root / "images", root / "gt"
-    for i in range(count):
-        block = (1 + i % 3, 2)
-        image, classes = make_models.block_image(rng, block=block)
-        truth = np.repeat(np.repeat(classes, block[0], axis=0), block[1], axis=1)
-        truth[rng.random(truth.shape) < 0.05] = 255
-        flip = rng.random(truth.shape) < 0.1
-        truth[flip & (truth != 255)] = rng.integers(0, 4, size=int((flip & (truth != 255)).sum()))
-        sub = "a" if i % 2 else "b/c"
-        write_png(images / sub / f"img{i:03d}.png", image)
-        write_png(gts / sub / f"img{i:03d}.png", truth)
-    return images, gts
-
-
-def test_segment_command_dataset_iou_and_failures(server_address: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    images, gts = make_folder(tmp_path, 12)
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    write_png(gts / "broken.png", np.zeros((3, 3), np.uint8))
-    out = tmp_path / "out"
-    code = main(["segment", str(images), "--server", server_address, "--model", make_models.SEGMENTER,
-                 "--gt", str(gts), "--out", str(out), "--concurrency", "4"])
-    assert code == 1  # one image failed
-    report = json.loads((out / "report.json").read_text())
-    assert report["segmented"] == 12 and report["failed"] == 1
-    assert "broken.png" in next(iter(report["failures"]))
-    # Independent computation from the masks written to disk.
-    n = len(make_models.LABELS)
-    inter, union = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for gt_path in sorted(gts.rglob("img*.png")):
-        mask = cv2.imread(str(out / gt_path.relative_to(gts)), cv2.IMREAD_UNCHANGED)
-        truth = cv2.imread(str(gt_path), cv2.IMREAD_UNCHANGED)
-        i, u = numpy_iou(mask, truth, n)
-        inter += i
-        union += u
-    reported = report["iou"]["classes"]
-    assert [c["intersection"] for c in reported] == inter.tolist()
-    assert [c["union"] for c in reported] == union.tolist()
-    assert report["iou"]["mean_iou"] == pytest.approx(np.mean(inter / union), abs=1e-6)
-    assert "mean IoU" in capsys.readouterr().out
-
-
 def test_segment_command_unknown_model_exits_2(server_address: str, tmp_path: Path) -> None:
-    images, _ = make_folder(tmp_path, 1)
-    code = main(["segment", str(images), "--server", server_address, "--model", "nope", "--out", str(tmp_path / "o")])
+    images, _ = make_dataset(tmp_path, 1)
+    code = main(
+        [
+            "segment",
+            str(images),
+            "--server",
+            server_address,
+            "--model",
+            "nope",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
+    code = main(
+        [
+            "segment",
+            str(images),
+            "--server",
+            server_address,
+            "--model",
+            make_models.CLASSIFIER,
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2  # a classifier cannot segment
 
 
-def test_classify_command_writes_csv_and_accuracy(server_address: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    colours = {"red": (230, 10, 10), "green": (10, 230, 10), "blue": (10, 10, 230), "dark": (5, 5, 5)}
+def test_classify_command_writes_csv_and_accuracy(
+    server_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    colours = {
+        "red": (230, 10, 10),
+        "green": (10, 230, 10),
+        "blue": (10, 10, 230),
+        "dark": (5, 5, 5),
+    }
     rows = []
     for i, (name, rgb) in enumerate(colours.items()):
         write_png(tmp_path / "in" / f"{name}{i}.png", np.full((20 + i, 30, 3), rgb, np.uint8))
-        rows.append({"image": f"{name}{i}.png", "label": name if name != "dark" else "red"})  # one wrong
+        rows.append(
+            {"image": f"{name}{i}.png", "label": name if name != "dark" else "red"}
+        )  # one wrong
     with open(tmp_path / "labels.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["image", "label"])
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path / "classes.csv"
-    code = main(["classify", str(tmp_path / "in"), "--server", server_address, "--model", make_models.CLASSIFIER,
-                 "--out", str(out), "--labels", str(tmp_path / "labels.csv"), "--top-k", "2"])
+    code = main(
+        [
+            "classify",
+            str(tmp_path / "in"),
+            "--server",
+            server_address,
+            "--model",
+            make_models.CLASSIFIER,
+            "--out",
+            str(out),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--top-k",
+            "2",
+        ]
+    )
     assert code == 0
     with open(out, newline="") as fh:
         predicted = {Path(r["image"]).stem: r["label1"] for r in csv.DictReader(fh)}
     assert predicted == {"red0": "red", "green1": "green", "blue2": "blue", "dark3": "dark"}
     assert "top-1 accuracy: 0.7500 (3/4)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "classes.report.json").read_text())
+    assert report["accuracy"] == 0.75 and report["scored"] == 4
+    counts = report["confusion_matrix"]["counts"]  # rows true, columns predicted
+    assert counts[0] == [1, 0, 0, 1] and counts[1][1] == counts[2][2] == 1 and sum(counts[3]) == 0
+    assert "<svg" in (tmp_path / "classes.report.html").read_text()
 
 
 def test_dataset_mean_is_nan_skipping(server_address: str, tmp_path: Path) -> None:
@@ -153,8 +162,23 @@ def test_dataset_mean_is_nan_skipping(server_address: str, tmp_path: Path) -> No
     write_png(tmp_path / "in/red.png", red)
     write_png(tmp_path / "gt/red.png", np.zeros((32, 48), np.uint8))
     out = tmp_path / "out"
-    assert main(["segment", str(tmp_path / "in"), "--server", server_address, "--model", make_models.SEGMENTER,
-                 "--gt", str(tmp_path / "gt"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "in"),
+                "--server",
+                server_address,
+                "--model",
+                make_models.SEGMENTER,
+                "--gt",
+                str(tmp_path / "gt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     ious = [c["iou"] for c in report["iou"]["classes"]]
     assert ious[0] == 1.0 and ious[1:] == [None, None, None]

@@ -22,7 +22,9 @@ def per_image_result(pred: np.ndarray, truth: np.ndarray, ignore: int = 255) -> 
         classes.append(ClassIoU(c, LABELS[c], inter, union, inter / union if union else math.nan))
     ious = [c.iou for c in classes if c.union]
     acc = float(np.sum((pred == truth) & keep) / keep.sum())
-    return IoUResult(tuple(classes), float(np.mean(ious)) if ious else math.nan, acc, int(keep.sum()), ignore)
+    return IoUResult(
+        tuple(classes), float(np.mean(ious)) if ious else math.nan, acc, int(keep.sum()), ignore
+    )
 
 
 def test_sums_over_images_not_mean_of_means() -> None:
@@ -32,7 +34,9 @@ def test_sums_over_images_not_mean_of_means() -> None:
     for n in range(6):
         truth = rng.integers(0, 3, size=(20 + n, 17)).astype(np.uint8)  # class 3 never in truth
         truth[rng.random(truth.shape) < 0.1] = 255
-        pred = np.where(rng.random(truth.shape) < 0.7, truth, rng.integers(0, 3, truth.shape)).astype(np.uint8)
+        pred = np.where(
+            rng.random(truth.shape) < 0.7, truth, rng.integers(0, 3, truth.shape)
+        ).astype(np.uint8)
         pred[pred == 255] = 0
         preds.append(pred.ravel())
         truths.append(truth.ravel())

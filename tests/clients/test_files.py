@@ -26,7 +26,11 @@ def test_find_images_recursive_and_sorted(tmp_path: Path) -> None:
 
 
 def test_ground_truth_prefers_same_relative_path(tmp_path: Path) -> None:
-    images = [touch(tmp_path / "in/x/cat.jpg"), touch(tmp_path / "in/dog.png"), touch(tmp_path / "in/eel.png")]
+    images = [
+        touch(tmp_path / "in/x/cat.jpg"),
+        touch(tmp_path / "in/dog.png"),
+        touch(tmp_path / "in/eel.png"),
+    ]
     same_place = touch(tmp_path / "gt/x/cat.png")
     touch(tmp_path / "gt/y/cat.png")
     elsewhere = touch(tmp_path / "gt/deep/dog.png")

@@ -11,7 +11,6 @@ import make_models
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.app import model_health_name
@@ -352,7 +351,7 @@ def test_a_model_that_cannot_load_stops_startup_with_its_name(start_server, tmp_
 
 def test_models_answer_unavailable_until_loaded() -> None:
     from visionserve.server.errors import Unavailable
-    from visionserve.server.served_model import ModelRegistry
+    from visionserve.server.registry import ModelRegistry
 
     with pytest.raises(Unavailable, match="still loading"):
         ModelRegistry().get(SEG)

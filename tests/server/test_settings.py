@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from visionserve.server.settings import MIB, ServerSettings, load_settings
 
 
@@ -56,3 +55,102 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
 def test_no_repository_anywhere() -> None:
     with pytest.raises(ValueError, match="--repository DIR or set VISIONSERVE_REPOSITORY"):
         load_settings({}, environ={})
+
+
+def test_batching_overrides_and_new_environment_variables(tmp_path: Path) -> None:
+    env = {
+        "VISIONSERVE_REPOSITORY": str(tmp_path),
+        "VISIONSERVE_MAX_BATCH_SIZE": "16",
+        "VISIONSERVE_MAX_QUEUE_DELAY_MS": "0.5",
+        "VISIONSERVE_MODEL_CONTROL": "poll",
+        "VISIONSERVE_METRICS_PORT": "0",
+        "VISIONSERVE_AUTH_TOKEN": "tok",
+    }
+    settings = load_settings({"instances": 2}, environ=env)
+    assert settings.batching_overrides() == {
+        "max_batch_size": 16,
+        "max_queue_delay_ms": 0.5,
+        "instances": 2,
+    }
+    assert (settings.model_control, settings.metrics_port, settings.auth_token) == (
+        "poll",
+        0,
+        "tok",
+    )
+    assert ServerSettings(repository=tmp_path).batching_overrides() == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("max_batch_size", 0, "max_batch_size must be at least 1"),
+        ("instances", 0, "instances must be at least 1"),
+        ("max_queue_size", 0, "max_queue_size must be at least 1"),
+        ("max_queue_delay_ms", -1.0, "max_queue_delay_ms must be >= 0"),
+        ("metrics_port", 70000, "metrics_port must be in 0..65535"),
+        ("model_control", "auto", "model_control must be one of"),
+        ("poll_interval_s", 0.0, "poll_interval_s must be > 0"),
+        ("auth_token", " ", "auth_token must not be empty"),
+    ],
+)
+def test_new_settings_are_checked(tmp_path: Path, field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ServerSettings(repository=tmp_path, **{field: value})
+
+
+def test_the_cli_options_reach_the_settings(tmp_path: Path) -> None:
+    from visionserve.cli import build_parser
+    from visionserve.commands.serve import _overrides
+
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    argv = [
+        "serve",
+        "--repository",
+        str(tmp_path),
+        "--max-batch-size",
+        "3",
+        "--instances",
+        "2",
+        "--max-queue-size",
+        "9",
+        "--max-queue-delay-ms",
+        "1.5",
+        "--metrics-port",
+        "9100",
+        "--model-control",
+        "explicit",
+        "--load-model",
+        "a",
+        "--load-model",
+        "b",
+        "--auth-token-file",
+        str(token),
+    ]
+    settings = load_settings(_overrides(build_parser(argv).parse_args(argv)), environ={})
+    assert settings.batching_overrides() == {
+        "max_batch_size": 3,
+        "max_queue_delay_ms": 1.5,
+        "instances": 2,
+        "max_queue_size": 9,
+    }
+    assert settings.metrics_port == 9100 and settings.load_models == ("a", "b")
+    assert settings.model_control == "explicit" and settings.auth_token == "abc"
+
+
+def test_model_yaml_batching_fields_are_checked() -> None:
+    from visionserve.server.model_config import ModelConfig
+
+    base = {
+        "name": "m",
+        "task": "classification",
+        "labels": ["a", "b"],
+        "outputs": {"probabilities": "p"},
+    }
+    assert ModelConfig(**base).instances == 1
+    for field, match in (
+        ("instances", "instances must be at least 1"),
+        ("max_queue_size", "max_queue_size must be at least 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**base, **{field: 0})

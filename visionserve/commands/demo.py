@@ -69,7 +69,7 @@ def _serve_and_call(work: Path, port: int) -> None:
         _step("classify", str(val / "images"), "--server", address, "--model", CLASSIFIER,
               "--out", str(work / "results/classes.csv"), "--labels", str(val / "labels.csv"))
         _step("segment", str(val / "images"), "--server", address, "--model", SEGMENTER,
-              "--gt", str(val / "masks"), "--out", str(work / "results/masks"))
+              "--gt", str(val / "masks"), "--out", str(work / "results/segment"))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -88,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _serve_and_call(work, args.port)
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s; everything is under {work}")
-    print(f"  masks:   {work / 'results/masks'}   report: {work / 'results/masks/report.json'}")
+    print(f"  masks:   {work / 'results/segment/masks'}   report: {work / 'results/segment/report.html'}")
     print(f"  models:  {work / 'models'}   (validation.json beside each model.onnx)")
     return 0

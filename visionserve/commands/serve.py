@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from visionserve.server.settings import MIB, load_settings
+from visionserve.server.settings import MIB, MODEL_CONTROL_MODES, load_settings
 
 NAME = "serve"
 HELP = "Serve a model repository over gRPC"
@@ -41,12 +42,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-warmup", action="store_true", help="skip the warm-up inference at load"
     )
+    _add_batching(parser.add_argument_group("dynamic batching (override every model.yaml)"))
+    _add_operations(parser.add_argument_group("operations"))
+    _add_security(parser.add_argument_group("security"))
 
 
-def run(args: argparse.Namespace) -> int:
-    from visionserve.server.app import serve
+def _add_batching(batching: argparse._ArgumentGroup) -> None:
+    batching.add_argument("--max-batch-size", type=int, help="largest batch sent to a backend")
+    batching.add_argument(
+        "--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (ms)"
+    )
+    batching.add_argument("--instances", type=int, help="batches run in parallel per model")
+    batching.add_argument(
+        "--max-queue-size", type=int, help="waiting requests per model; past it RESOURCE_EXHAUSTED"
+    )
 
-    overrides = {
+
+def _add_operations(ops: argparse._ArgumentGroup) -> None:
+    ops.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics HTTP port (off unless given; 0 = free)",
+    )
+    ops.add_argument(
+        "--model-control",
+        choices=MODEL_CONTROL_MODES,
+        help="none: load all at start (default); poll: rescan the repository and swap in new "
+        "versions; explicit: load/unload via KServe RepositoryModelLoad/Unload",
+    )
+    ops.add_argument("--poll-interval", type=float, help="seconds between polls (default 5)")
+    ops.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="explicit mode: load this model at start (repeatable; default: all)",
+    )
+    ops.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object per log line",
+    )
+
+
+def _add_security(security: argparse._ArgumentGroup) -> None:
+    security.add_argument("--tls-cert", help="server certificate chain, PEM (enables TLS)")
+    security.add_argument("--tls-key", help="server private key, PEM")
+    security.add_argument(
+        "--tls-client-ca", help="CA bundle, PEM: require client certificates it signed (mTLS)"
+    )
+    security.add_argument(
+        "--auth-token-file",
+        help="file holding the bearer token clients must send (env VISIONSERVE_AUTH_TOKEN)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    token = None
+    if args.auth_token_file is not None:
+        token = Path(args.auth_token_file).read_text(encoding="utf-8").strip()
+    return {
         "repository": args.repository,
         "host": args.host,
         "port": args.port,
@@ -58,10 +113,31 @@ def run(args: argparse.Namespace) -> int:
         "intra_op_threads": args.intra_op_threads,
         "grace_period_s": args.grace,
         "warmup": False if args.no_warmup else None,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "instances": args.instances,
+        "max_queue_size": args.max_queue_size,
+        "metrics_port": args.metrics_port,
+        "model_control": args.model_control,
+        "poll_interval_s": args.poll_interval,
+        "load_models": tuple(args.load_model) if args.load_model else None,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "auth_token": token,
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    from visionserve.server.app import serve
+
+    if args.log_format == "json":
+        from visionserve.server.logs import use_json_logs
+
+        use_json_logs()
     try:
-        settings = load_settings(overrides)
-    except ValueError as exc:
+        settings = load_settings(_overrides(args))
+    except (OSError, ValueError) as exc:
         print(f"visionserve serve: {exc}", file=sys.stderr)
         return 2
     try:

@@ -1,0 +1,311 @@
+"""How close does ``visionserve segment`` get to the server's bare capacity?
+
+Bare capacity: the model's backend called directly (no gRPC, no decode, no encode) on
+preprocessed batches, at its best batch size, in images/s. CLI: ``visionserve segment``
+end to end (files -> SegmentStream -> masks + journal + IoU report) against a
+``visionserve serve`` subprocess on the same machine and model. Prints both and the
+ratio (goal >= 0.85). A figure, not a pass/fail test.
+
+    python bench/bench_segment_cli.py                      # synthetic conv segmenter
+    python bench/bench_segment_cli.py --repository REPO --model NAME   # a real model
+
+Without ``--repository`` it writes a repository with a small convolutional segmenter
+(3x3 convs, ``--channels`` wide, ``--layers`` deep) so inference, not the tiny test
+models' near-zero compute, dominates the way it does for a real UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("background", "a", "b", "c")
+
+
+def conv_segmenter(channels: int, layers: int, classes: int = len(LABELS)):  # -> onnx.ModelProto
+    """image [N,3,H,W] -> (3x3 conv + ReLU) x layers -> 1x1 conv -> ArgMax -> uint8 mask [N,H,W]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, previous, width = [], [], "image", 3
+    for i in range(layers):
+        w = (rng.standard_normal((channels, width, 3, 3)) / np.sqrt(9 * width)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+        ]
+        previous, width = f"r{i}", channels
+    head = (rng.standard_normal((classes, width, 1, 1)) / np.sqrt(width)).astype(np.float32)
+    inits += [
+        numpy_helper.from_array(head, "head_w"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "head_b"),
+    ]
+    nodes += [
+        helper.make_node("Conv", [previous, "head_w", "head_b"], ["scores"]),
+        helper.make_node("ArgMax", ["scores"], ["classes"], axis=1, keepdims=0),
+        helper.make_node("Cast", ["classes"], ["mask"], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bench_segmenter",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("mask", TensorProto.UINT8, ["N", "H", "W"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_bench_repository(
+    repo: Path, size: int, channels: int, layers: int, max_batch: int
+) -> str:
+    sys.path.insert(0, str(ROOT / "tests/models"))
+    import make_models
+
+    from visionserve.server.model_config import InputSpec
+
+    spec = InputSpec(
+        name="image", height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
+    make_models.write_entry(
+        repo,
+        "bench-segmenter",
+        "segmentation",
+        model=conv_segmenter(channels, layers),
+        labels=LABELS,
+        input=spec,
+        max_batch_size=max_batch,
+    )
+    return "bench-segmenter"
+
+
+def write_images(folder: Path, count: int, size: int, classes: int) -> tuple[Path, Path]:
+    """``count`` PNG images of coloured blocks and random ground truth of the same size."""
+    rng = np.random.default_rng(1)
+    images, gts = folder / "images", folder / "gt"
+    images.mkdir(parents=True)
+    gts.mkdir()
+    for i in range(count):
+        blocks = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+        image = cv2.resize(blocks, (size, size), interpolation=cv2.INTER_NEAREST)
+        truth = cv2.resize(
+            rng.integers(0, classes, (size // 16, size // 16), dtype=np.uint8),
+            (size, size),
+            interpolation=cv2.INTER_NEAREST,
+        )
+        cv2.imwrite(str(images / f"{i:05d}.png"), image)
+        cv2.imwrite(str(gts / f"{i:05d}.png"), truth)
+    return images, gts
+
+
+def bare_capacity(
+    repo: Path, model: str, threads: int, batch_sizes: list[int], seconds: float
+) -> dict[int, float]:
+    """images/s of backend.infer on preprocessed batches, per batch size."""
+    from visionserve.server.preprocess import preprocess_batch
+    from visionserve.server.repository import ModelRepository
+    from visionserve.server.served_model import load_backend
+
+    entry = ModelRepository(repo).entry(model)
+    backend = load_backend(entry, threads)
+    spec = entry.config.input
+    image = np.random.default_rng(2).integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)
+    rates = {}
+    try:
+        for batch in batch_sizes:
+            feeds = {spec.name: preprocess_batch([image] * batch, spec)}
+            backend.infer(feeds)  # warm-up
+            done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - t0 < seconds:
+                backend.infer(feeds)
+                done += batch
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            rates[batch] = (done / wall, cpu / done)
+    finally:
+        backend.close()
+    return rates
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_rate(
+    repo: Path, model: str, images: Path, gts: Path, out: Path, threads: int, cli_args: list[str]
+) -> tuple[float, int]:
+    """(images/s, exit code) of ``visionserve segment`` against a server subprocess."""
+    from visionserve.cli import main
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "visionserve.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--repository",
+            str(repo),
+            "--port",
+            str(port),
+            "--intra-op-threads",
+            str(threads),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        if b"serving on" not in server.stdout.readline():
+            raise RuntimeError("the server did not start")
+        count = len(list(images.iterdir()))
+        t0, server0 = time.perf_counter(), process_cpu_seconds(server.pid)
+        client0 = resource.getrusage(resource.RUSAGE_SELF)
+        with contextlib.redirect_stdout(io.StringIO()):  # the IoU table
+            code = main(
+                [
+                    "--log-level",
+                    "WARNING",
+                    "segment",
+                    str(images),
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--model",
+                    model,
+                    "--gt",
+                    str(gts),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    *cli_args,
+                ]
+            )
+        wall = time.perf_counter() - t0
+        client1 = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = client1.ru_utime - client0.ru_utime + client1.ru_stime - client0.ru_stime
+        cpu = process_cpu_seconds(server.pid) - server0 + client_cpu
+        return count / wall, cpu / count, code
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--repository", type=Path, help="existing model repository (default: synthetic)"
+    )
+    parser.add_argument("--model", help="segmentation model in --repository")
+    parser.add_argument("--images", type=int, default=300, help="images to segment (default 300)")
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="square image side in pixels (default 256)"
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=128, help="synthetic model input side (default 128)"
+    )
+    parser.add_argument(
+        "--channels", type=int, default=32, help="synthetic model width (default 32)"
+    )
+    parser.add_argument("--layers", type=int, default=3, help="synthetic model depth (default 3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads (default 0: all cores)",
+    )
+    parser.add_argument(
+        "--batch-sizes", default="1,2,4,8", help="bare-capacity batch sizes (default 1,2,4,8)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="seconds per bare-capacity batch size"
+    )
+    parser.add_argument(
+        "cli_args", nargs="*", help="extra `visionserve segment` options (after --)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
+        work = Path(tmp)
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        if args.repository is None:
+            repo, model = (
+                work / "repo",
+                write_bench_repository(
+                    work / "repo", args.input_size, args.channels, args.layers, max(batches)
+                ),
+            )
+        elif args.model is None:
+            parser.error("--model is required with --repository")
+        else:
+            repo, model = args.repository, args.model
+        from visionserve.server.repository import ModelRepository
+
+        classes = len(ModelRepository(repo).entry(model).config.labels)
+        images, gts = write_images(work / "data", args.images, args.image_size, classes)
+        # On a shared machine load comes and goes: bare capacity is measured before and
+        # after the CLI run and the better figures kept (the ratios err on the low side).
+        before = bare_capacity(repo, model, args.threads, batches, args.seconds)
+        rate, cli_cpu, code = cli_rate(
+            repo, model, images, gts, work / "out", args.threads, args.cli_args
+        )
+        after = bare_capacity(repo, model, args.threads, batches, args.seconds)
+    print_figures(model, args, before, after, (rate, cli_cpu, code))
+
+
+def print_figures(
+    model: str, args: argparse.Namespace, before: dict, after: dict, cli: tuple[float, float, int]
+) -> None:
+    """Bare capacity per batch size, the CLI's figures, and the two ratios."""
+    rate, cli_cpu, code = cli
+    batches = list(before)
+    rates = {b: (max(before[b][0], after[b][0]), min(before[b][1], after[b][1])) for b in batches}
+    best = max(rates, key=lambda b: rates[b][0])
+    print(
+        f"model {model}: {args.images} images of {args.image_size}x{args.image_size}, {os.cpu_count()} CPUs"
+    )
+    for batch, (r, cpu) in rates.items():
+        print(f"  bare backend, batch {batch:>3}: {r:8.1f} img/s  {cpu * 1e3:7.2f} CPU-ms/img")
+    bare_rate, bare_cpu = rates[best]
+    print(
+        f"bare capacity (batch {best}):   {bare_rate:8.1f} img/s  {bare_cpu * 1e3:7.2f} CPU-ms/img"
+    )
+    print(
+        f"visionserve segment CLI:      {rate:8.1f} img/s  {cli_cpu * 1e3:7.2f} CPU-ms/img "
+        f"(server + client; exit {code})"
+    )
+    print(f"ratio CLI / bare, wall clock: {rate / bare_rate:.3f} (goal >= 0.85)")
+    best_cpu = min(cpu for _, cpu in rates.values())
+    print(
+        f"ratio CLI / bare, CPU time:   {best_cpu / cli_cpu:.3f} (throughput ratio on an idle, "
+        f"CPU-bound machine)"
+    )
+
+
+if __name__ == "__main__":
+    main()

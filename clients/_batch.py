@@ -1,0 +1,387 @@
+"""Batch segmentation over SegmentStream: many requests in flight, nothing lost, nothing twice.
+
+``BatchRunner.run(jobs)`` reads files in worker threads, sends them over ``streams``
+parallel SegmentStream calls with up to ``window`` requests in flight on each, and
+hands every answer to a worker thread that checks it, writes the mask (and overlay)
+atomically and appends the image to the journal. A stream that fails with UNAVAILABLE
+(server restarting, draining, killed) puts its unanswered requests back in the queue
+and reopens with backoff; when no answer has come for ``give_up_after`` seconds the run
+stops with :class:`BatchStopped`. Per-image failures are collected, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from visionserve.clients._aio import AsyncVisionClient
+from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean_iou
+from visionserve.clients._errors import VisionServeError, translate
+from visionserve.clients._files import write_atomic
+from visionserve.clients._journal import Journal
+from visionserve.clients._render import decode_index_mask, decode_rgb, encode_png, overlay
+from visionserve.clients._types import decode_mask
+from visionserve.protos import visionserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to segment; ``key`` is its path relative to the input root."""
+
+    key: str
+    image: Path
+    gt: Path | None
+    mask_out: Path
+    overlay_out: Path | None = None
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What to ask the server and how hard to push it."""
+
+    model: str
+    version: str
+    num_classes: int
+    ignore_index: int
+    send_ignore_index: bool = False
+    streams: int = 4
+    window: int = 16
+    timeout: float = 60.0
+    give_up_after: float = 60.0
+    threads: int = 2
+    out_root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        for name in ("streams", "window", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout <= 0 or self.give_up_after <= 0:
+            raise ValueError(
+                f"timeout and give_up_after must be > 0 s, got {self.timeout}, {self.give_up_after}"
+            )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job with its request built (file bytes read)."""
+
+    job: Job
+    request: pb.SegmentRequest
+    gt_bytes: bytes | None
+
+
+# Each stream carries a deadline (servers may not cope with none); a stream that reaches
+# it is simply reopened, its unanswered requests sent again. Per-request deadlines are
+# the client's watchdog (``BatchSettings.timeout``).
+STREAM_DEADLINE_S = 3600.0
+# A thread-per-stream server runs only as many streams at once as it has threads; a
+# stream with no first answer after this long, while other streams opened before were
+# answered since, is waiting for one: it is cancelled, its requests go to the others,
+# and it retires.
+STALL_S = 2.0
+
+
+# Stream-level failures after which the stream is reopened and its unanswered requests
+# sent again: UNAVAILABLE (server restarting, draining, unreachable) and a client-side
+# deadline; also the codes a connection lost mid-message surfaces as (INTERNAL "Internal
+# error from Core", UNKNOWN "Stream removed", CANCELLED), but those at most
+# MAX_ODD_FAILURES times in a row without an answer, so a real server bug stops the run.
+SERVER_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+CONNECTION_LOST = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+MAX_ODD_FAILURES = 3
+
+
+class BatchStopped(Exception):
+    """The run stopped before every image was tried (the server is gone, or refused us)."""
+
+
+class _Done:
+    """Queue sentinel: every job is resolved, close the stream."""
+
+
+DONE = _Done()
+
+
+@dataclass
+class _StreamState:
+    window: asyncio.Semaphore
+    outstanding: dict[str, tuple[Prepared, float]] = field(default_factory=dict)
+    expired: bool = False
+    stalled: bool = False
+    answered: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class BatchRunner:
+    """Runs jobs through a server; ``failures`` maps key -> reason afterwards."""
+
+    def __init__(
+        self,
+        client: AsyncVisionClient,
+        settings: BatchSettings,
+        journal: Journal,
+        on_resolved: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.journal = journal
+        self.on_resolved = on_resolved or (lambda ok: None)
+        self.failures: dict[str, str] = {}
+        self.done = 0
+        self._remaining = 0
+        self._active_streams = settings.streams
+        self._last_answer = time.monotonic()
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    async def run(self, jobs: list[Job]) -> None:
+        """Process every job; raises BatchStopped (after in-flight writes finish) if it cannot."""
+        self._remaining = len(jobs)
+        if not jobs:
+            return
+        s = self.settings
+        self._queue: asyncio.Queue[Prepared | _Done] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(2 * s.streams * s.window)
+        with ThreadPoolExecutor(s.threads, thread_name_prefix="segment-io") as pool:
+            self._pool = pool
+            tasks = [asyncio.create_task(self._feed(jobs))]
+            tasks += [asyncio.create_task(self._stream_worker(i)) for i in range(s.streams)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self._pending:  # let masks being written land in the journal
+                    await asyncio.wait(self._pending)
+
+    # -- bookkeeping ---------------------------------------------------------
+    def _resolve(self, key: str, reason: str | None) -> None:
+        if reason is None:
+            self.done += 1
+        else:
+            self.failures[key] = reason
+            log.debug("%s failed: %s", key, reason)
+        self._remaining -= 1
+        self._slots.release()
+        self.on_resolved(reason is None)
+        if self._remaining == 0:
+            for _ in range(self.settings.streams):
+                self._queue.put_nowait(DONE)
+
+    async def _feed(self, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            await self._slots.acquire()
+            try:
+                prepared = await loop.run_in_executor(self._pool, self._prepare, job)
+            except (OSError, ValueError) as exc:
+                self._resolve(job.key, f"cannot read the file: {exc}")
+                continue
+            self._queue.put_nowait(prepared)
+
+    def _prepare(self, job: Job) -> Prepared:
+        s = self.settings
+        request = pb.SegmentRequest(
+            model=s.model, version=s.version, request_id=job.key, mask_format=pb.MASK_FORMAT_RAW
+        )
+        request.image.encoded = job.image.read_bytes()
+        gt_bytes = None
+        if job.gt is not None:
+            gt_bytes = job.gt.read_bytes()
+            request.ground_truth.data = gt_bytes
+            request.ground_truth.format = pb.MASK_FORMAT_PNG
+            if s.send_ignore_index:
+                request.ignore_index = s.ignore_index
+        return Prepared(job, request, gt_bytes)
+
+    # -- streams -------------------------------------------------------------
+    async def _stream_worker(self, number: int) -> None:
+        delay, odd = 0.1, 0
+        while self._remaining > 0:
+            state = _StreamState(asyncio.Semaphore(self.settings.window))
+            error = await self._one_stream(state)
+            if error is None or self._remaining == 0:
+                return
+            if state.stalled:
+                self._active_streams -= 1
+                log.info(
+                    "stream %d was not served while others were (server threads busy?): "
+                    "going on with %d stream(s)",
+                    number,
+                    self._active_streams,
+                )
+                return
+            if state.answered:
+                delay, odd = 0.1, 0
+            odd += error.code in CONNECTION_LOST
+            if odd >= MAX_ODD_FAILURES:
+                raise BatchStopped(f"the server ended the stream {odd} times in a row: {error}")
+            silent = time.monotonic() - self._last_answer
+            if silent > self.settings.give_up_after:
+                raise BatchStopped(
+                    f"no answer from {self.client.config.target} for {silent:.0f}s "
+                    f"(last error {error}); rerun to continue where this run stopped"
+                )
+            log.info("stream %d: %s; reopening in %.1fs", number, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _one_stream(self, state: _StreamState) -> VisionServeError | None:
+        """One SegmentStream call until DONE (returns None) or it breaks (returns the error)."""
+        call = self.client.open_segment_stream(timeout=STREAM_DEADLINE_S)
+        sender = asyncio.create_task(self._send(call, state))
+        watchdog = asyncio.create_task(self._watch(call, state))
+        try:
+            async for response in call:
+                self._answer(state, response)
+            if state.outstanding:
+                raise VisionServeError(
+                    grpc.StatusCode.UNAVAILABLE, "the server closed the stream early"
+                )
+            return None
+        except (grpc.RpcError, VisionServeError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not (state.expired or state.stalled):
+                raise
+            return self._broken(state, exc)
+        finally:
+            sender.cancel()
+            watchdog.cancel()
+            await asyncio.gather(sender, watchdog, return_exceptions=True)
+
+    def _broken(self, state: _StreamState, exc: BaseException) -> VisionServeError:
+        if state.expired:
+            error = VisionServeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.settings.timeout:.0f}s"
+            )
+            for key in list(state.outstanding):
+                self._resolve(key, str(error))
+            return error
+        for prepared, _ in state.outstanding.values():  # not lost: sent again
+            self._queue.put_nowait(prepared)
+        if state.stalled:
+            return VisionServeError(grpc.StatusCode.CANCELLED, "stream not served")
+        error = translate(exc)
+        if error.code not in SERVER_GONE | CONNECTION_LOST:
+            raise BatchStopped(f"the server ended the stream: {error}") from exc
+        return error
+
+    async def _send(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
+        try:
+            while True:
+                await state.window.acquire()
+                item = await self._queue.get()
+                if isinstance(item, _Done):
+                    await call.done_writing()
+                    return
+                state.outstanding[item.job.key] = (item, time.monotonic())
+                await call.write(item.request)
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            log.debug("stream write failed: %s", exc)  # the reader sees the same failure
+
+    async def _watch(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
+        """Cancel the call when its oldest request passes the deadline, or it is not served."""
+        timeout = self.settings.timeout
+        while True:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            if not state.outstanding:
+                continue
+            now = time.monotonic()
+            age = now - min(t for _, t in state.outstanding.values())
+            others_answered = self._last_answer > state.opened
+            if (
+                state.answered == 0
+                and age > STALL_S
+                and others_answered
+                and self._active_streams > 1
+            ):
+                state.stalled = True
+            elif age > timeout:
+                state.expired = True
+            else:
+                continue
+            call.cancel()
+            return
+
+    def _answer(self, state: _StreamState, response: pb.SegmentResponse) -> None:
+        entry = state.outstanding.pop(response.request_id, None)
+        if entry is None:
+            log.warning("answer for an unknown request_id %r ignored", response.request_id)
+            return
+        prepared = entry[0]
+        state.window.release()
+        state.answered += 1
+        self._last_answer = time.monotonic()
+        if response.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
+            asyncio.get_running_loop().call_later(0.2, self._queue.put_nowait, prepared)
+            return
+        if response.error_code:
+            error = VisionServeError.from_status(response.error_code, response.error_message)
+            self._resolve(prepared.job.key, str(error))
+            return
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool, self._finish, prepared, response
+        )
+        self._pending.add(future)
+        future.add_done_callback(lambda f, key=prepared.job.key: self._finished(key, f))
+
+    def _finished(self, key: str, future: asyncio.Future[None]) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        self._resolve(key, None if exc is None else f"{type(exc).__name__}: {exc}")
+
+    # -- per image, in a worker thread --------------------------------------
+    def _finish(self, prepared: Prepared, response: pb.SegmentResponse) -> None:
+        job, s = prepared.job, self.settings
+        mask = decode_mask(response.mask)
+        record: dict[str, Any] = {
+            "key": job.key,
+            "image": str(job.image),
+            "gt": None if job.gt is None else str(job.gt),
+            "mask": job.mask_out.relative_to(s.out_root).as_posix(),
+            "height": int(mask.shape[0]),
+            "width": int(mask.shape[1]),
+        }
+        if prepared.gt_bytes is not None:
+            record.update(self._score(mask, decode_index_mask(prepared.gt_bytes), response))
+        write_atomic(job.mask_out, encode_png(mask))
+        if job.overlay_out is not None:
+            blended = overlay(decode_rgb(prepared.request.image.encoded), mask)
+            write_atomic(job.overlay_out, encode_png(blended, rgb=True))
+            record["overlay"] = job.overlay_out.relative_to(s.out_root).as_posix()
+        self.journal.append(record)
+
+    def _score(
+        self, mask: np.ndarray, truth: np.ndarray, response: pb.SegmentResponse
+    ) -> dict[str, Any]:
+        """Client-side confusion matrix, cross-checked against the server's IoU counts."""
+        s = self.settings
+        confusion = confusion_matrix(mask, truth, s.num_classes, s.ignore_index)
+        intersection, union = iou_from_confusion(confusion)
+        server_i = [int(c.intersection) for c in response.iou.classes]
+        server_u = [int(c.union) for c in response.iou.classes]
+        if server_i != intersection.tolist() or server_u != union.tolist():
+            raise ValueError(
+                f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
+                f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
+                f"union {union.tolist()})"
+            )
+        miou = nan_mean_iou(intersection, union)
+        return {
+            "confusion": confusion.tolist(),
+            "miou": None if np.isnan(miou) else miou,
+            "scored": int(confusion.sum()),
+            "correct": int(np.trace(confusion)),
+        }

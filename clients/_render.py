@@ -1,0 +1,76 @@
+"""Colour masks and overlays (PNG), for the files the batch client writes and the report."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """uint8 [256, 3] RGB colours, the PASCAL VOC bit pattern (class 0 black, 255 white)."""
+    colours = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        c, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours[index] = (r, g, b)
+    colours[255] = (255, 255, 255)
+    return colours
+
+
+PALETTE = palette(256)
+
+
+def colour_mask(mask: np.ndarray) -> np.ndarray:
+    """RGB uint8 HxWx3 of an index mask."""
+    return PALETTE[mask]
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image blended with its colour mask (RGB uint8, the image's size)."""
+    if image_rgb.shape[:2] != mask.shape:
+        raise ValueError(f"image {image_rgb.shape[:2]} and mask {mask.shape} differ in size")
+    blended = (
+        image_rgb.astype(np.float32) * (1 - alpha) + colour_mask(mask).astype(np.float32) * alpha
+    )
+    return blended.round().astype(np.uint8)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 HxWx3 (ValueError if OpenCV cannot decode them)."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise ValueError("not an image OpenCV can decode")
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def decode_index_mask(data: bytes) -> np.ndarray:
+    """A single-channel 8-bit PNG (or other lossless image) -> uint8 HxW."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.ndim != 2 or decoded.dtype != np.uint8:
+        got = "undecodable" if decoded is None else f"{decoded.dtype} {decoded.shape}"
+        raise ValueError(f"ground truth must be a single-channel 8-bit image, got {got}")
+    return decoded
+
+
+def encode_png(array: np.ndarray, rgb: bool = False) -> bytes:
+    """PNG bytes of a uint8 mask (HxW) or RGB image (``rgb=True``)."""
+    ok, png = cv2.imencode(
+        ".png",
+        cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array,
+        [cv2.IMWRITE_PNG_COMPRESSION, 1],
+    )
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {array.dtype} {array.shape} array as PNG")
+    return png.tobytes()
+
+
+def thumbnail(rgb: np.ndarray, max_side: int = 240) -> np.ndarray:
+    """Shrunk (never enlarged past 2x small images) for embedding in the report."""
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)

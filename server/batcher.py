@@ -1,0 +1,314 @@
+"""Dynamic batching: single requests in, batches of up to ``max_batch_size`` rows out.
+
+One :class:`Batcher` per served model version. Callers ``submit`` a tensor of one or
+more rows (``[n, C, H, W]``) and get a ``Future`` of that request's outputs. Worker
+threads (``instances``, Triton's instance count) take turns forming a batch: the
+first waiting request opens it, and it closes when ``max_batch_size`` rows are in or
+``max_queue_delay`` has passed since that first request arrived. While one instance
+runs a batch, the next one forms its own.
+
+- The queue is bounded: ``submit`` raises ``ResourceExhausted`` when it is full.
+- Requests whose deadline has passed, or that their caller cancelled, are dropped
+  before the batch runs: they never reach the backend.
+- Requests are grouped by shape (``collate``, a pure function); each group runs as
+  its own batch(es).
+- A failing batch fails each of its requests with one error; the worker goes on.
+- ``close`` drains: everything accepted before it still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from visionserve.server.errors import (
+    BackendError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    VisionServeError,
+)
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+InferFn = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """One submitted request waiting in a batcher's queue."""
+
+    tensor: np.ndarray  # [rows, ...]
+    future: Future
+    enqueued_at: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() after which it must not run
+
+    @property
+    def rows(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+class _Stop:
+    """The queue item that tells one worker to exit (after everything queued before it)."""
+
+    def __repr__(self) -> str:
+        return "STOP"
+
+
+STOP = _Stop()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests ``indices`` (positions in collate's input) stacked into ``tensor``."""
+
+    indices: tuple[int, ...]
+    tensor: np.ndarray
+
+
+def collate(tensors: Sequence[np.ndarray], max_batch_size: int) -> list[Batch]:
+    """Group tensors by shape (rows excluded) and dtype, and pack each group into batches.
+
+    Arrival order is kept within a group; groups come in the order of their first
+    member. A request is never split across batches, and no batch has more than
+    ``max_batch_size`` rows. Raises ``ValueError`` for a tensor without rows or with
+    more rows than ``max_batch_size``.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    groups: dict[tuple, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.ndim < 1 or not 1 <= tensor.shape[0] <= max_batch_size:
+            raise ValueError(
+                f"request {index} has shape {tensor.shape}: expected 1..{max_batch_size} rows"
+            )
+        groups.setdefault((tensor.shape[1:], tensor.dtype.str), []).append(index)
+    batches = []
+    for members in groups.values():
+        current: list[int] = []
+        rows = 0
+        for index in members:
+            n = tensors[index].shape[0]
+            if current and rows + n > max_batch_size:
+                batches.append(_stack(tensors, current))
+                current, rows = [], 0
+            current.append(index)
+            rows += n
+        batches.append(_stack(tensors, current))
+    return batches
+
+
+def _stack(tensors: Sequence[np.ndarray], indices: list[int]) -> Batch:
+    if len(indices) == 1:
+        tensor = np.ascontiguousarray(tensors[indices[0]])
+    else:
+        tensor = np.concatenate([tensors[i] for i in indices], axis=0)
+    return Batch(tuple(indices), tensor)
+
+
+def uncollate(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[Outputs]:
+    """Split a batch's outputs back into one dict per request (``rows`` each).
+
+    Raises ``ValueError`` when an output's first dimension is not the batch's rows.
+    """
+    total = sum(rows)
+    for name, array in outputs.items():
+        if array.ndim < 1 or array.shape[0] != total:
+            raise ValueError(
+                f"the model returned {name!r} with shape {array.shape} for a batch of "
+                f"{total} rows: expected {total} rows"
+            )
+    offsets = np.cumsum([0, *rows])
+    return [
+        {name: array[offsets[i] : offsets[i + 1]] for name, array in outputs.items()}
+        for i in range(len(rows))
+    ]
+
+
+class BatchObserver(Protocol):
+    """Receives the batcher's measurements (``metrics.ModelMetrics`` implements it)."""
+
+    def on_queued(self, seconds: float) -> None: ...
+
+    def on_batch(self, size: int, seconds: float) -> None: ...
+
+
+class Batcher:
+    """Bounded queue + ``instances`` worker threads calling ``infer`` on batches."""
+
+    def __init__(
+        self,
+        name: str,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        queue_size: int,
+        instances: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"{name}: max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"{name}: max_queue_delay must be >= 0, got {max_queue_delay_s}")
+        if queue_size < 1 or instances < 1:
+            raise ValueError(
+                f"{name}: queue_size and instances must be at least 1, got {queue_size}, {instances}"
+            )
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self._infer = infer
+        self._observer = observer
+        self._queue: queue.Queue[QueuedRequest | _Stop] = queue.Queue(maxsize=queue_size)
+        self._submit_lock = threading.Lock()
+        self._collect_lock = threading.Lock()
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(instances)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.maxsize
+
+    def depth(self) -> int:
+        """Requests waiting (approximate)."""
+        return self._queue.qsize()
+
+    def submit(self, tensor: np.ndarray, deadline: float | None = None) -> Future:
+        """Queue ``tensor`` ([rows, ...]); the future resolves to its outputs (same rows).
+
+        Raises ``InvalidArgument`` (bad rows), ``DeadlineExceeded`` (deadline already
+        passed), ``ResourceExhausted`` (queue full) or ``Unavailable`` (closed).
+        """
+        if tensor.ndim < 1 or not 1 <= tensor.shape[0] <= self.max_batch_size:
+            raise InvalidArgument(
+                f"{self.name}: a request of shape {list(tensor.shape)} has "
+                f"{tensor.shape[0] if tensor.ndim else 0} rows: expected 1..{self.max_batch_size} "
+                f"(max_batch_size)"
+            )
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded(
+                f"{self.name}: the request's deadline passed before it was queued"
+            )
+        item = QueuedRequest(tensor, Future(), now, deadline)
+        with self._submit_lock:
+            if self._closed:
+                raise Unavailable(f"{self.name} is being unloaded or the server is shutting down")
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                raise ResourceExhausted(
+                    f"{self.name}: the request queue is full ({self.queue_size} requests waiting): "
+                    f"retry later, or raise max_queue_size"
+                ) from None
+        return item.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, run everything already queued, join the workers."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for _ in self._workers:
+            self._queue.put(STOP)  # blocks while full: the workers are draining it
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # -- workers ---------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._collect_lock:
+                items, stop = self._collect()
+            if items:
+                self._run(items)
+            if stop:
+                return
+
+    def _collect(self) -> tuple[list[QueuedRequest], bool]:
+        """Block for a first request, then gather more until full or the delay is up."""
+        first = self._queue.get()
+        if isinstance(first, _Stop):
+            return [], True
+        items, rows = [first], first.rows
+        flush_at = first.enqueued_at + self.max_queue_delay_s
+        while rows < self.max_batch_size:
+            remaining = flush_at - time.monotonic()
+            try:
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop):
+                return items, True
+            items.append(item)
+            rows += item.rows
+        return items, False
+
+    def _run(self, items: list[QueuedRequest]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in items:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller gave up
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"{self.name}: the deadline passed after {now - item.enqueued_at:.3f} s "
+                        f"in the queue; the request did not run"
+                    )
+                )
+                continue
+            if self._observer is not None:
+                self._observer.on_queued(now - item.enqueued_at)
+            live.append(item)
+        try:
+            batches = collate([item.tensor for item in live], self.max_batch_size)
+        except ValueError as exc:  # submit checks rows, so this is a bug: fail, never die
+            self._fail(live, exc)
+            return
+        for batch in batches:
+            self._run_batch([live[i] for i in batch.indices], batch.tensor)
+
+    def _run_batch(self, members: list[QueuedRequest], tensor: np.ndarray) -> None:
+        start = time.monotonic()
+        try:
+            outputs = self._infer(tensor)
+            parts = uncollate(outputs, [m.rows for m in members])
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests only
+            self._fail(members, exc)
+            return
+        if self._observer is not None:
+            self._observer.on_batch(int(tensor.shape[0]), time.monotonic() - start)
+        for member, part in zip(members, parts, strict=True):
+            member.future.set_result(part)
+
+    def _fail(self, members: list[QueuedRequest], exc: Exception) -> None:
+        if not isinstance(exc, VisionServeError):
+            rows = sum(m.rows for m in members)
+            log.error("%s: a batch of %d rows failed", self.name, rows, exc_info=exc)
+            exc = BackendError(
+                f"{self.name}: inference failed for a batch of {rows} rows: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        for member in members:
+            if not member.future.done():
+                member.future.set_exception(exc)

@@ -1,0 +1,213 @@
+"""Every loaded version of every model, with atomic swaps.
+
+``sync`` brings the loaded models in line with the repository on disk: versions that
+are new or whose files changed are loaded and warmed up *first*, then the model's
+version table is replaced in one assignment (requests after it see the new table),
+and the versions that left it are retired: they finish the requests they hold, then
+close. A load that fails leaves the previous versions serving.
+
+Requests hold a model with ``with registry.use(name, version) as model:``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from visionserve.server.errors import NotFound, Unavailable
+from visionserve.server.metrics import Metrics
+from visionserve.server.repository import (
+    ModelEntry,
+    ModelRepository,
+    check_model_name,
+    parse_version,
+)
+from visionserve.server.served_model import ServedModel, load_backend
+
+log = logging.getLogger(__name__)
+
+
+def signature(entry: ModelEntry) -> tuple[int, ...]:
+    """What identifies the files of one version: mtimes and sizes of model.yaml and the model."""
+    config = entry.directory.parent / "model.yaml"
+    stats = [config.stat(), entry.onnx_path.stat()]
+    return tuple(v for s in stats for v in (s.st_mtime_ns, s.st_size))
+
+
+class ModelRegistry:
+    """Loaded models by name and version; ``ready`` once the first load completed."""
+
+    def __init__(
+        self,
+        *,
+        intra_op_threads: int = 0,
+        warmup: bool = True,
+        overrides: Mapping[str, Any] | None = None,
+        metrics: Metrics | None = None,
+        on_change: Callable[[str, bool], None] | None = None,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self._models: dict[str, dict[int, ServedModel]] = {}
+        self._lock = threading.Lock()  # lookups + swaps
+        self._load_lock = threading.Lock()  # one sync at a time
+        self._intra_op_threads = intra_op_threads
+        self._warmup = warmup
+        self._overrides = dict(overrides or {})
+        self._metrics = metrics
+        self._on_change = on_change
+        self._drain_timeout = drain_timeout
+        self.ready = False
+
+    # -- loading -------------------------------------------------------------------------
+    def load_all(self, repository: ModelRepository, names: list[str] | None = None) -> None:
+        """First load: every model (or ``names``), then ready. Errors name the model."""
+        self.sync(repository, names)
+        if not self._models:
+            log.warning("model repository %s: no models loaded", repository.root)
+        self.ready = True
+
+    def sync(self, repository: ModelRepository, names: list[str] | None = None) -> list[str]:
+        """Load new/changed versions, swap them in, retire the old; returns changed names.
+
+        ``names`` None: the whole repository (models gone from disk are unloaded).
+        """
+        with self._load_lock:
+            wanted = repository.model_names() if names is None else list(names)
+            changed = [n for n in wanted if self._sync_model(repository, n)]
+            if names is None:
+                for gone in sorted(set(self._models) - set(wanted)):
+                    self.unload(gone)
+                    changed.append(gone)
+            return changed
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests get NOT_FOUND, requests in flight finish."""
+        check_model_name(name)
+        with self._lock:
+            if name not in self._models:
+                raise NotFound(f"model {name!r} is not loaded: loaded models are {self._listing()}")
+            models = dict(self._models)
+            old = models.pop(name)
+            self._models = models
+        self._notify(name, False)
+        for model in old.values():
+            model.retire(self._drain_timeout)
+        log.info("unloaded %s (versions %s)", name, sorted(old))
+
+    def _sync_model(self, repository: ModelRepository, name: str) -> bool:
+        entries = [repository.entry(name, str(v)) for v in repository.versions(name)]
+        current = self._models.get(name, {})
+        table: dict[int, ServedModel] = {}
+        loaded: list[ServedModel] = []
+        try:
+            for entry in entries:
+                source = signature(entry)
+                kept = current.get(entry.version)
+                if kept is not None and kept.source == source:
+                    table[entry.version] = kept
+                else:
+                    loaded.append(self._load(entry, source))
+                    table[entry.version] = loaded[-1]
+        except BaseException:
+            for model in loaded:
+                model.close()
+            raise
+        if not loaded and set(table) == set(current):
+            return False
+        with self._lock:
+            models = dict(self._models)
+            if table:
+                models[name] = table
+            else:
+                models.pop(name, None)
+            self._models = models
+        self._notify(name, bool(table))
+        log.info(
+            "%s: serving versions %s (loaded %s)", name, sorted(table), [m.version for m in loaded]
+        )
+        for version, model in current.items():
+            if table.get(version) is not model:
+                model.retire(self._drain_timeout)
+        return True
+
+    def _load(self, entry: ModelEntry, source: tuple[int, ...]) -> ServedModel:
+        config = dataclasses.replace(entry.config, **self._overrides)
+        entry = dataclasses.replace(entry, config=config)
+        backend = load_backend(entry, self._intra_op_threads)
+        observer = self._metrics.model(entry.name) if self._metrics is not None else None
+        try:
+            model = ServedModel(
+                entry.name, entry.version, config, backend, observer=observer, source=source
+            )
+        except BaseException:
+            backend.close()
+            raise
+        if self._warmup:
+            try:
+                model.warmup()
+            except BaseException:
+                model.close()
+                raise
+        return model
+
+    def _notify(self, name: str, serving: bool) -> None:
+        if self._on_change is not None:
+            self._on_change(name, serving)
+
+    # -- lookups -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The model ``name`` at ``version`` (empty: latest); NOT_FOUND lists what exists."""
+        if not self.ready:
+            raise Unavailable(
+                "the server is still loading its models; retry when health is SERVING"
+            )
+        check_model_name(name)
+        wanted = parse_version(version)
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFound(f"unknown model {name!r}: available models are {self._listing()}")
+        if wanted is None:
+            return versions[max(versions)]
+        if wanted not in versions:
+            raise NotFound(
+                f"model {name!r} has no version {wanted}: available versions are "
+                f"{', '.join(str(v) for v in sorted(versions))}"
+            )
+        return versions[wanted]
+
+    def acquire(self, name: str, version: str = "") -> ServedModel:
+        """``get`` + ``enter``: the caller must call ``model.exit()`` when done with it."""
+        with self._lock:
+            model = self.get(name, version)
+            model.enter()
+        return model
+
+    @contextmanager
+    def use(self, name: str, version: str = "") -> Iterator[ServedModel]:
+        """Hold a model for one request: a swap or unload waits until it is released."""
+        model = self.acquire(name, version)
+        try:
+            yield model
+        finally:
+            model.exit()
+
+    def _listing(self) -> str:
+        return ", ".join(self.names()) or "none"
+
+    def close(self) -> None:
+        """Drain and close every model."""
+        with self._lock:
+            models, self._models = self._models, {}
+        for versions in models.values():
+            for model in versions.values():
+                model.retire(self._drain_timeout)

@@ -1,0 +1,330 @@
+"""`visionserve segment` end to end against real servers: IoU, resumability, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import make_models
+import numpy as np
+import pytest
+from conftest import ServerProcess, make_dataset, write_png
+
+from visionserve.cli import main
+
+N = len(make_models.LABELS)
+DATASET_SIZE = 300
+JOURNAL = ".visionserve-journal.jsonl"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_dataset(tmp_path_factory.mktemp("data"), DATASET_SIZE)
+
+
+def independent_iou(
+    images: Path, gts: Path, masks: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed confusion matrix, intersection and union from the masks on disk (plain numpy)."""
+    confusion = np.zeros((N, N), np.int64)
+    for gt_path in sorted(gts.rglob("*.png")):
+        mask = cv2.imread(str(masks / gt_path.relative_to(gts)), cv2.IMREAD_UNCHANGED)
+        truth = cv2.imread(str(gt_path), cv2.IMREAD_UNCHANGED)
+        keep = truth != 255
+        confusion += np.bincount(truth[keep].astype(int) * N + mask[keep], minlength=N * N).reshape(
+            N, N
+        )
+    inter = np.diag(confusion)
+    return confusion, inter, confusion.sum(0) + confusion.sum(1) - inter
+
+
+def segment_args(images: Path, gts: Path, out: Path, server: str, *extra: str) -> list[str]:
+    return [
+        "segment",
+        str(images),
+        "--server",
+        server,
+        "--model",
+        make_models.SEGMENTER,
+        "--gt",
+        str(gts),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def journal_keys(out: Path) -> list[str]:
+    lines = (out / JOURNAL).read_text().splitlines()
+    return [json.loads(line)["key"] for line in lines[1:]]
+
+
+def test_dataset_iou_equals_independent_computation(
+    server_address: str, dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, gts = dataset
+    out = tmp_path / "out"
+    assert main(segment_args(images, gts, out, server_address, "--overlays", "--streams", "3")) == 0
+    report = json.loads((out / "report.json").read_text())
+    confusion, inter, union = independent_iou(images, gts, out / "masks")
+    assert report["segmented"] == DATASET_SIZE and report["failed"] == 0
+    classes = report["iou"]["classes"]
+    assert [c["intersection"] for c in classes] == inter.tolist()
+    assert [c["union"] for c in classes] == union.tolist()
+    assert report["iou"]["mean_iou"] == pytest.approx(np.mean(inter / union), abs=1e-6)
+    assert report["iou"]["pixel_accuracy"] == pytest.approx(inter.sum() / confusion.sum(), abs=1e-6)
+    assert report["iou"]["confusion_matrix"]["counts"] == confusion.tolist()
+    assert report["iou"]["per_image_mean_iou"]["count"] == DATASET_SIZE
+    # Masks: the model's exact answer at the original size; overlays mirror the tree.
+    sample = images / "b/c/img000.png"
+    rgb = cv2.cvtColor(cv2.imread(str(sample)), cv2.COLOR_BGR2RGB)
+    mask = cv2.imread(str(out / "masks/b/c/img000.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(mask, make_models.segmenter_reference(rgb))
+    assert cv2.imread(str(out / "overlays/b/c/img000.png")).shape == rgb.shape
+    assert len(list((out / "masks").rglob("*.png"))) == DATASET_SIZE
+    rows = (out / "report_images.csv").read_text().splitlines()
+    assert len(rows) == DATASET_SIZE + 1 and all(",ok," in r for r in rows[1:])
+    assert (out / "report_classes.csv").read_text().startswith("index,label,iou,intersection,union")
+    assert "<svg" in (out / "report.html").read_text()
+
+
+def test_glob_and_list_file_inputs(
+    server_address: str, dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, gts = dataset
+    out = tmp_path / "glob"
+    assert main(segment_args(Path(f"{images}/**/img00*.png"), gts, out, server_address)) == 0
+    written = sorted(
+        p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*.png")
+    )
+    assert written == sorted(f"{'a' if i % 2 else 'b/c'}/img00{i}.png" for i in range(10))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\n{images}/a/img001.png\n\n{images}/b/c/img002.png\n")
+    out = tmp_path / "list"
+    assert main(segment_args(listing, gts, out, server_address)) == 0
+    assert json.loads((out / "report.json").read_text())["segmented"] == 2
+    assert (out / "masks/a/img001.png").is_file() and (out / "masks/b/c/img002.png").is_file()
+
+
+def test_corrupt_and_unreadable_files_are_listed(
+    server_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, gts = make_dataset(tmp_path, 6, seed=5)
+    (images / "truncated.png").write_bytes(
+        cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1][:60].tobytes()
+    )
+    (images / "text.jpg").write_text("this is not a JPEG")
+    (images / "empty.png").write_bytes(b"")
+    (images / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    write_png(images / "wrong_gt_size.png", np.full((20, 20, 3), 200, np.uint8))
+    write_png(images / "no_gt.png", np.full((20, 20, 3), 200, np.uint8))
+    for name in ("truncated", "text", "empty", "dangling"):
+        write_png(gts / f"{name}.png", np.zeros((40, 40), np.uint8))
+    write_png(gts / "wrong_gt_size.png", np.zeros((21, 20), np.uint8))
+    out = tmp_path / "out"
+    code = main(segment_args(images, gts, out, server_address))
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    reasons = {f["image"]: f["reason"] for f in report["failures"]}
+    assert set(reasons) == {
+        "truncated.png",
+        "text.jpg",
+        "empty.png",
+        "dangling.png",
+        "wrong_gt_size.png",
+        "no_gt.png",
+    }
+    assert (
+        "INVALID_ARGUMENT" in reasons["truncated.png"] and "INVALID_ARGUMENT" in reasons["text.jpg"]
+    )
+    assert "cannot read the file" in reasons["dangling.png"]
+    assert (
+        "ground truth" in reasons["wrong_gt_size.png"] and "no ground truth" in reasons["no_gt.png"]
+    )
+    assert report["segmented"] == 6 and report["iou"]["images"] == 6
+    assert "FAILED dangling.png" in capsys.readouterr().err
+    html = (out / "report.html").read_text()
+    assert "Failures (6)" in html and "wrong_gt_size.png" in html
+
+
+def run_cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "visionserve.cli", "--log-level", "INFO", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def wait_for_lines(
+    out: Path, lines: int, process: subprocess.Popen[bytes], timeout: float = 20
+) -> int:
+    """Poll the journal until it has ``lines`` records; returns the count seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        journal = out / JOURNAL
+        seen = journal.read_bytes().count(b"\n") - 1 if journal.exists() else 0
+        if seen >= lines:
+            return seen
+        time.sleep(0.003)
+    raise AssertionError(f"the client did not reach {lines} images (exit {process.poll()})")
+
+
+def assert_complete(out: Path, dataset: tuple[Path, Path], reference: dict) -> None:
+    keys = journal_keys(out)
+    assert len(keys) == len(set(keys)) == DATASET_SIZE, "every image journaled exactly once"
+    files = [p for p in out.rglob("*") if p.is_file() and p.parent != out]
+    assert len(files) == DATASET_SIZE and all(p.suffix == ".png" for p in files), "no temp files"
+    report = json.loads((out / "report.json").read_text())
+    assert report == reference  # nothing in it depends on timing or on the interruption
+    _, inter, union = independent_iou(*dataset, out / "masks")
+    assert [c["intersection"] for c in report["iou"]["classes"]] == inter.tolist()
+    assert [c["union"] for c in report["iou"]["classes"]] == union.tolist()
+
+
+@pytest.fixture(scope="module")
+def reference_report(
+    vision_server: object,
+    server_address: str,
+    dataset: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict:
+    out = tmp_path_factory.mktemp("reference")
+    assert main(segment_args(*dataset, out, server_address)) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_server_killed_and_restarted_loses_and_duplicates_nothing(
+    server_process, dataset: tuple[Path, Path], reference_report: dict, tmp_path: Path
+) -> None:
+    server: ServerProcess = server_process()
+    out = tmp_path / "out"
+    client = run_cli(
+        segment_args(
+            *dataset,
+            out,
+            server.address,
+            "--streams",
+            "2",
+            "--window",
+            "4",
+            "--give-up-after",
+            "30",
+        ),
+        tmp_path / "client.log",
+    )
+    killed_at = wait_for_lines(out, 40, client)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    assert client.wait(60) == 0, (tmp_path / "client.log").read_text()[-3000:]
+    assert killed_at < DATASET_SIZE - 50, (
+        "the server must die mid-run for this test to mean anything"
+    )
+    assert "reopening" in (tmp_path / "client.log").read_text()
+    assert_complete(out, dataset, reference_report)
+    # A rerun finds everything finished and writes the same report.
+    rerun = run_cli(segment_args(*dataset, out, server.address), tmp_path / "rerun.log")
+    assert rerun.wait(60) == 0
+    assert_complete(out, dataset, reference_report)
+
+
+def test_ctrl_c_then_rerun_completes(
+    server_process, dataset: tuple[Path, Path], reference_report: dict, tmp_path: Path
+) -> None:
+    server: ServerProcess = server_process()
+    out = tmp_path / "out"
+    client = run_cli(
+        segment_args(*dataset, out, server.address, "--streams", "2", "--window", "4"),
+        tmp_path / "client.log",
+    )
+    interrupted_at = wait_for_lines(out, 40, client)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(30) == 130, (tmp_path / "client.log").read_text()[-3000:]
+    assert interrupted_at < DATASET_SIZE - 50
+    assert len(journal_keys(out)) < DATASET_SIZE
+    rerun = run_cli(segment_args(*dataset, out, server.address), tmp_path / "rerun.log")
+    assert rerun.wait(60) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert_complete(out, dataset, reference_report)
+
+
+def test_unreachable_server_stops_cleanly(tmp_path: Path, dataset: tuple[Path, Path]) -> None:
+    from conftest import free_port
+
+    code = main(segment_args(*dataset, tmp_path / "out", f"127.0.0.1:{free_port()}"))
+    assert code == 3
+
+
+def test_journal_of_another_run_is_refused(server_address: str, tmp_path: Path) -> None:
+    images, gts = make_dataset(tmp_path, 2, seed=1, noise=False)
+    out = tmp_path / "out"
+    assert main(segment_args(images, gts, out, server_address)) == 0
+    assert main(segment_args(images, gts, out, server_address, "--ignore-index", "3")) == 2
+    assert (
+        main(segment_args(images, gts, out, server_address, "--ignore-index", "3", "--restart"))
+        == 0
+    )
+
+
+def test_more_streams_than_server_threads(start_server, tmp_path: Path) -> None:
+    """A thread-per-stream server with 2 threads and a client with 4 streams: no deadlock."""
+    server = start_server(workers=2)
+    images, gts = make_dataset(tmp_path, 12)
+    t0 = time.monotonic()
+    code = main(
+        segment_args(
+            images,
+            gts,
+            tmp_path / "out",
+            f"127.0.0.1:{server.port}",
+            "--streams",
+            "4",
+            "--timeout",
+            "20",
+        )
+    )
+    assert code == 0 and time.monotonic() - t0 < 10
+    assert json.loads((tmp_path / "out/report.json").read_text())["segmented"] == 12
+
+
+def test_server_gone_for_good_stops_cleanly_and_a_rerun_finishes(
+    server_process, dataset: tuple[Path, Path], reference_report: dict, tmp_path: Path
+) -> None:
+    server: ServerProcess = server_process()
+    out = tmp_path / "out"
+    client = run_cli(
+        segment_args(
+            *dataset,
+            out,
+            server.address,
+            "--streams",
+            "2",
+            "--window",
+            "4",
+            "--give-up-after",
+            "1.5",
+        ),
+        tmp_path / "client.log",
+    )
+    wait_for_lines(out, 40, client)
+    server.kill()
+    code = client.wait(30)
+    log = (tmp_path / "client.log").read_text()
+    assert code == 3, log[-3000:]
+    assert "STOPPED: no answer from" in log and "rerun to continue" in log, log[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped"] and report["failed"] == 0, log[-3000:]
+    assert report["segmented"] + report["not_done"] == DATASET_SIZE
+    server.start()
+    rerun = run_cli(segment_args(*dataset, out, server.address), tmp_path / "rerun.log")
+    assert rerun.wait(60) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert_complete(out, dataset, reference_report)

@@ -1,0 +1,94 @@
+"""SegmentStream: many requests in flight from one stream, answers in request order."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import make_models
+import numpy as np
+import pytest
+from server_test_helpers import metric, scrape
+from visionserve.protos import visionserve_pb2 as pb
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+from visionserve.server.stream import Pipeline
+
+SEG = make_models.SEGMENTER
+
+
+def _requests(count: int, seed: int = 0) -> tuple[list[pb.SegmentRequest], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    requests, expected = [], []
+    for i in range(count):
+        image, _ = make_models.block_image(rng, grid=(16, 16), block=(2, 3))
+        raw = pb.RawImage(data=image.tobytes(), height=32, width=48, channels=3)
+        requests.append(
+            pb.SegmentRequest(
+                model=SEG,
+                image=pb.Image(raw=raw),
+                request_id=str(i),
+                mask_format=pb.MASK_FORMAT_RAW,
+            )
+        )
+        expected.append(make_models.segmenter_reference(image))
+    return requests, expected
+
+
+def _mask(reply: pb.SegmentResponse) -> np.ndarray:
+    return np.frombuffer(reply.mask.data, np.uint8).reshape(reply.mask.height, reply.mask.width)
+
+
+def test_one_stream_fills_batches_and_keeps_order(start_server) -> None:
+    server = start_server(metrics_port=0, max_queue_delay_ms=20, max_batch_size=8)
+    requests, expected = _requests(64)
+    requests[5] = pb.SegmentRequest(model="nope", request_id="5")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = list(pb_grpc.VisionServiceStub(channel).SegmentStream(iter(requests), timeout=60))
+    assert [r.request_id for r in replies] == [str(i) for i in range(64)]
+    assert replies[5].error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    for i, reply in enumerate(replies):
+        if i != 5:
+            assert reply.error_code == 0
+            np.testing.assert_array_equal(_mask(reply), expected[i])
+    text = scrape(server.metrics_port)
+    batches = metric(text, "visionserve_batch_size_count", model=SEG)
+    rows = metric(text, "visionserve_batch_size_sum", model=SEG)
+    assert rows / batches > 2  # one stream, real batches (warm-up batches included)
+
+
+def test_a_lock_step_client_gets_each_answer_before_sending_the_next(vision_stub) -> None:
+    requests, expected = _requests(5, seed=1)
+    outbox: queue.Queue = queue.Queue()
+
+    def send():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    outbox.put(requests[0])
+    replies = vision_stub.SegmentStream(send(), timeout=30)
+    for i in range(5):
+        reply = next(replies)  # would hang if the server waited for more requests first
+        assert reply.request_id == str(i)
+        np.testing.assert_array_equal(_mask(reply), expected[i])
+        outbox.put(requests[i + 1] if i + 1 < 5 else None)
+    assert list(replies) == []
+
+
+def test_a_cancelled_stream_releases_its_models(start_server) -> None:
+    server = start_server(model_control="explicit", max_queue_delay_ms=200, max_batch_size=64)
+    requests, _ = _requests(10)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.VisionServiceStub(channel).SegmentStream(iter(requests), timeout=30)
+        threading.Event().wait(0.05)
+        call.cancel()
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    done = threading.Event()
+    threading.Thread(target=lambda: (server.registry.unload(SEG), done.set())).start()
+    assert done.wait(3), "unload waited for requests that a cancelled stream never released"
+
+
+def test_pipeline_refuses_a_zero_window() -> None:
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        Pipeline(lambda r: r, lambda r: r, lambda r: None, 0)
