@@ -25,17 +25,20 @@ Usage::
 
 from __future__ import annotations
 
-import importlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import onnx
+from visionserve.export.trt_builder import (
+    ParseIssue,
+    TensorRTResult,
+    engine_from_onnx_path,
+    load_tensorrt,
+)
 from visionserve.server.model_config import ShapeProfile
 
 logger = logging.getLogger(__name__)
@@ -104,38 +107,6 @@ class NodeRecord:
     op_type: str
     domain: str
     status: str  # "supported" | "unsupported" | "unknown" | "custom-domain"
-
-
-@dataclass(frozen=True)
-class ParseIssue:
-    """One error from TensorRT's ONNX parser."""
-
-    node_index: int
-    node_name: str
-    op_type: str
-    message: str
-
-
-@dataclass
-class TensorRTResult:
-    """What TensorRT made of the model: parse errors, and the engine build."""
-
-    library: str  # "tensorrt" | "tensorrt_rtx"
-    version: str
-    target: str  # "SM86" (RTX ahead of time) or "local GPU"
-    parsed: bool = False
-    parse_errors: list[ParseIssue] = field(default_factory=list)
-    built: bool = False
-    build_seconds: float | None = None
-    engine_bytes: int | None = None
-    profile: dict[str, list[list[int]]] = field(default_factory=dict)  # input -> [min, opt, max]
-    error: str | None = None
-    engine: bytes | None = field(default=None, repr=False)  # kept only when asked
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("engine")
-        return data
 
 
 @dataclass
@@ -265,170 +236,7 @@ def static_audit(model: onnx.ModelProto) -> tuple[int | None, list[NodeRecord], 
     return opset, records, problems
 
 
-# --- TensorRT parse and build -------------------------------------------------------------------
-_LOGGERS: dict[str, Any] = {}
-
-
-def load_tensorrt(which: str = "auto") -> ModuleType | None:
-    """Import ``tensorrt`` or ``tensorrt_rtx``. ``which``: "auto" (tensorrt, then
-    tensorrt_rtx), "tensorrt", "tensorrt_rtx" or "none". None when not importable."""
-    if which not in ("auto", "tensorrt", "tensorrt_rtx", "none"):
-        raise ValueError(
-            f"tensorrt must be 'auto', 'tensorrt', 'tensorrt_rtx' or 'none', got {which!r}"
-        )
-    names = {"auto": ("tensorrt", "tensorrt_rtx"), "none": ()}.get(which, (which,))
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            logger.debug("%s is not importable", name)
-    return None
-
-
-def _trt_logger(trt: ModuleType) -> Any:
-    """One logger per library (TensorRT keeps the first one it sees), routed to `logging`."""
-    if trt.__name__ not in _LOGGERS:
-
-        class _Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                    self.errors.append(msg)
-                    logger.debug("TensorRT: %s", msg)
-                elif severity == trt.ILogger.WARNING:
-                    logger.debug("TensorRT warning: %s", msg)
-
-        _LOGGERS[trt.__name__] = _Logger()
-    return _LOGGERS[trt.__name__]
-
-
-def _compute_capability(trt: ModuleType, value: str) -> Any:
-    key = "SM" + value.upper().removeprefix("SM").replace(".", "")
-    try:
-        return getattr(trt.ComputeCapability, key)
-    except AttributeError:
-        known = [k for k in trt.ComputeCapability.__members__ if k.startswith("SM")]
-        raise ValueError(
-            f"compute capability {value!r} is not one {trt.__name__} builds for; "
-            f"choose from {known}"
-        ) from None
-
-
-def _dim_range(profile: ShapeProfile, axis: int, rank: int) -> tuple[int, int, int] | None:
-    if axis == 0:
-        return profile.batch
-    if rank >= 3 and axis == rank - 2:
-        return profile.height
-    if rank >= 3 and axis == rank - 1:
-        return profile.width
-    return None
-
-
-def _input_shapes(
-    network: Any, profiles: Mapping[str, ShapeProfile] | ShapeProfile
-) -> dict[str, list[list[int]]]:
-    """min/opt/max shape of every network input: dynamic dims from the profile, static as is."""
-    shapes: dict[str, list[list[int]]] = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = list(tensor.shape)
-        profile = profiles if isinstance(profiles, ShapeProfile) else profiles.get(tensor.name)
-        if profile is None:
-            raise ValueError(
-                f"no ShapeProfile for input {tensor.name!r}; profiles given for {sorted(profiles)}"
-            )
-        per_dim = []
-        for axis, size in enumerate(dims):
-            if size >= 0:
-                per_dim.append((size, size, size))
-                continue
-            rng = _dim_range(profile, axis, len(dims))
-            if rng is None:
-                raise ValueError(
-                    f"input {tensor.name!r} {dims}: axis {axis} is dynamic but the profile has "
-                    "no range for it "
-                    "(batch covers axis 0, height/width the last two axes of a rank>=3 input)"
-                )
-            per_dim.append(rng)
-        shapes[tensor.name] = [[d[k] for d in per_dim] for k in range(3)]
-    return shapes
-
-
-def _parse_errors(parser: Any) -> list[ParseIssue]:
-    issues = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        issues.append(
-            ParseIssue(
-                node_index=int(err.node()),
-                node_name=str(err.node_name()),
-                op_type=str(err.node_operator()),
-                message=str(err.desc()),
-            )
-        )
-    return issues
-
-
-def engine_from_onnx_path(
-    path: str | Path,
-    profile: Mapping[str, ShapeProfile] | ShapeProfile,
-    trt: ModuleType,
-    *,
-    compute_capability: str = "8.6",
-    keep_engine: bool = False,
-) -> TensorRTResult:
-    """Parse ``path`` with TensorRT's OnnxParser and build a serialized engine.
-
-    ``trt`` is the imported ``tensorrt`` or ``tensorrt_rtx`` module. With TensorRT-RTX the
-    engine is built ahead of time for ``compute_capability``; full TensorRT builds for the
-    local GPU. Never raises for a model that fails to parse or build: that is reported.
-    """
-    rtx = trt.__name__ == "tensorrt_rtx"
-    result = TensorRTResult(
-        library=trt.__name__,
-        version=trt.__version__,
-        target=_compute_capability(trt, compute_capability).name if rtx else "local GPU",
-    )
-    trt_log = _trt_logger(trt)
-    trt_log.errors.clear()
-    try:
-        builder = trt.Builder(trt_log)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, trt_log)
-        # Parse from the path, not bytes: external .onnx.data weights then load too.
-        result.parsed = bool(parser.parse_from_file(str(path)))
-        result.parse_errors = _parse_errors(parser)
-        if not result.parsed:
-            return result
-        result.profile = _input_shapes(network, profile)
-        config = builder.create_builder_config()
-        if rtx:
-            config.num_compute_capabilities = 1
-            config.set_compute_capability(_compute_capability(trt, compute_capability), 0)
-        opt_profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in result.profile.items():
-            opt_profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(opt_profile)
-        start = time.perf_counter()
-        engine = builder.build_serialized_network(network, config)
-        result.build_seconds = round(time.perf_counter() - start, 3)
-    except (RuntimeError, TypeError, ValueError) as exc:  # TensorRT raises these for bad input
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    if engine is None:
-        messages = " | ".join(trt_log.errors[-5:]) or "no error logged"
-        result.error = f"build_serialized_network returned no engine: {messages}"
-        return result
-    result.built = True
-    result.engine_bytes = int(engine.nbytes)
-    if keep_engine:
-        result.engine = bytes(engine)
-    return result
-
-
+# --- TensorRT parse and build: visionserve.export.trt_builder -------------------------------
 def _tensorrt_problems(result: TensorRTResult) -> list[str]:
     problems = [
         f"node {e.node_name!r} ({e.op_type}): TensorRT parser: {e.message}"

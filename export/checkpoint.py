@@ -1,0 +1,162 @@
+"""Checkpoints: ``model.pth`` (a state_dict) + ``model.json`` (what the weights are).
+
+``model.json``::
+
+    {"architecture": "resnet_small" | "unet" | "resnet18" | ...,
+     "arch_kwargs": {...},                      # extra builder arguments
+     "task": "classification" | "segmentation",
+     "labels": [...],                           # class names; len = number of classes
+     "input": {"height": 96, "width": 96, "mean": [r, g, b], "std": [r, g, b]},
+     "metrics": {...}}                          # optional: what training measured
+
+Preprocessing: pixel / 255, then (x - mean) / std, RGB order, NCHW float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from visionserve.export.models import TASK_OF_ARCHITECTURE, build_model
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_PREFIXES = ("module.", "_orig_mod.")
+_SHOW = 10
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read and check a ``model.json``; fills defaults for ``arch_kwargs``, ``task`` and ``input``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint metadata {path} not found (expected model.json beside "
+                                "the checkpoint, or pass its path)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        return check_metadata(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def check_metadata(data: dict[str, Any]) -> dict[str, Any]:
+    """Check checkpoint metadata (see the module docstring) and fill defaults; returns a copy."""
+    if not isinstance(data, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(data).__name__}")  # noqa: TRY004
+    data = dict(data)
+    arch = data.get("architecture")
+    if arch not in TASK_OF_ARCHITECTURE:
+        raise ValueError(f"'architecture' must be one of {sorted(TASK_OF_ARCHITECTURE)}, got {arch!r}")
+    data.setdefault("task", TASK_OF_ARCHITECTURE[arch])
+    if data["task"] != TASK_OF_ARCHITECTURE[arch]:
+        raise ValueError(f"architecture {arch!r} is a {TASK_OF_ARCHITECTURE[arch]} model, "
+                         f"but 'task' says {data['task']!r}")
+    labels = data.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ValueError(f"'labels' must list at least 2 class names, got {labels!r}")
+    data["arch_kwargs"] = dict(data.get("arch_kwargs") or {})
+    spec = {"height": 224, "width": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    spec.update(data.get("input") or {})
+    if int(spec["height"]) < 1 or int(spec["width"]) < 1 or len(spec["mean"]) != 3 or len(spec["std"]) != 3:
+        raise ValueError(f"'input' needs positive height/width and 3-value mean/std, got {spec}")
+    data["input"] = spec
+    data.setdefault("metrics", {})
+    return data
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Write checked metadata as ``model.json``."""
+    Path(path).write_text(json.dumps(check_metadata(metadata), indent=2) + "\n", encoding="utf-8")
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: unwrap ``{"state_dict": ...}``-style dicts and strip
+    ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if key is None:
+                raise ValueError(f"checkpoint holds no tensors and none of the keys {_WRAPPER_KEYS}; "
+                                 f"top-level keys: {_first(obj)}")
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint must be a state_dict (dict of tensors), got {type(obj).__name__}")  # noqa: TRY004
+    state = {}
+    for key, value in obj.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def _first(keys: Any) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
+    return ", ".join(map(str, keys[:_SHOW])) + more
+
+
+def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    expected = model.state_dict()
+    arch = metadata["architecture"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit architecture {arch!r} {metadata['arch_kwargs']}: "
+            f"missing keys ({len(missing)}): [{_first(missing)}]; "
+            f"unexpected keys ({len(unexpected)}): [{_first(unexpected)}]"
+        )
+    mismatched = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not mismatched:
+        return
+    head = list(expected)[-1]  # the classifier / segmentation head is the last parameter
+    num_classes = len(metadata["labels"])
+    if head in mismatched and state[head].shape[0] != num_classes:
+        raise ValueError(
+            f"checkpoint has {state[head].shape[0]} classes ({head} has shape {tuple(state[head].shape)}), "
+            f"but the metadata lists {num_classes} labels {metadata['labels'][:_SHOW]}; "
+            "expected the labels to match the checkpoint's output classes"
+        )
+    details = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+               for k in mismatched[:_SHOW]]
+    raise ValueError(f"checkpoint tensor shapes do not fit architecture {arch!r} "
+                     f"{metadata['arch_kwargs']} ({len(mismatched)} differ): " + "; ".join(details))
+
+
+def build_from_metadata(metadata: dict[str, Any]) -> nn.Module:
+    """An untrained model as described by checkpoint metadata."""
+    metadata = check_metadata(metadata)
+    return build_model(metadata["architecture"], num_classes=len(metadata["labels"]),
+                       **metadata["arch_kwargs"])
+
+
+def load_checkpoint(path: Path, metadata: dict[str, Any] | Path) -> nn.Module:
+    """Build the model that ``metadata`` describes and load the weights at ``path`` (eval mode).
+
+    ``metadata`` is a ``model.json`` path or its parsed dict. Raises ``ValueError`` naming the
+    keys that do not fit (first 10) or the class count that differs.
+    """
+    metadata = read_metadata(metadata) if isinstance(metadata, (str, Path)) else check_metadata(metadata)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-weights objects
+        raise ValueError(f"could not load {path} as a weights-only PyTorch checkpoint: {exc}") from exc
+    state = extract_state_dict(loaded)
+    model = build_from_metadata(metadata)
+    _check_keys(model, state, metadata)
+    model.load_state_dict(state, strict=True)
+    logger.info("loaded %s (%s, %d classes)", path, metadata["architecture"], len(metadata["labels"]))
+    return model.eval()

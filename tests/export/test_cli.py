@@ -1,0 +1,57 @@
+"""The generate / train / export subcommands, run in-process through ``visionserve.cli.main``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from visionserve.server.model_config import ModelConfig
+
+from visionserve.cli import main
+
+
+def test_generate_train_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--out", str(tmp_path / "train"), "--count", "48", "--size", "64"]) == 0
+    assert main(["generate", "--out", str(tmp_path / "val"), "--count", "16", "--size", "64",
+                 "--seed", "1"]) == 0
+    assert len(list((tmp_path / "train/images").glob("*.png"))) == 48
+    assert main(["train", "--task", "segmentation", "--data", str(tmp_path / "train"),
+                 "--val", str(tmp_path / "val"), "--out", str(tmp_path / "ckpt"), "--epochs", "1",
+                 "--batch-size", "16", "--arch-kwargs", '{"base_channels": 4, "depth": 3}']) == 0
+    out = capsys.readouterr().out
+    assert "epoch   1" in out and "per-class IoU" in out
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt/model.pth"),
+                 "--repository", str(tmp_path / "repo"), "--name", "shapes-seg"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "mask" in out
+    assert ModelConfig.load(tmp_path / "repo/shapes-seg/model.yaml").task == "segmentation"
+    assert json.loads((tmp_path / "repo/shapes-seg/1/validation.json").read_text())["passed"]
+
+
+def test_export_failure_exits_non_zero(tmp_path: Path, classifier_checkpoint: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["export", "--checkpoint", str(classifier_checkpoint), "--repository", str(tmp_path / "r"),
+                 "--name", "m", "--atol", "-1", "--rtol", "0"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "nothing was written" in captured.err
+    assert not (tmp_path / "r/m/1").exists()
+
+
+def test_export_reports_bad_metadata(tmp_path: Path, classifier_checkpoint: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"architecture": "unet", "labels": ["a", "b"]}))
+    code = main(["export", "--checkpoint", str(classifier_checkpoint), "--metadata", str(bad),
+                 "--repository", str(tmp_path / "r"), "--name", "m"])
+    assert code == 2
+    assert "missing keys" in capsys.readouterr().err
+
+
+def test_parser_validates_paths(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "segmentation", "--data", str(tmp_path / "absent"),
+              "--val", str(tmp_path), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit):
+        main(["generate", "--out", str(tmp_path), "--count", "0"])
