@@ -13,7 +13,7 @@ import make_models
 import numpy as np
 import pytest
 
-from conftest import make_dataset
+from client_helpers import make_dataset
 
 from visionserve.cli import main
 from visionserve.clients import VisionClient, VisionServeError

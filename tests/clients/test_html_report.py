@@ -12,7 +12,7 @@ import cv2
 import make_models
 import numpy as np
 import pytest
-from conftest import make_dataset
+from client_helpers import make_dataset
 
 from visionserve.cli import main
 

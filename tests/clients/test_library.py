@@ -11,7 +11,7 @@ import grpc
 import make_models
 import numpy as np
 import pytest
-from conftest import free_port
+from client_helpers import free_port
 
 from visionserve.clients import (
     AsyncVisionClient,

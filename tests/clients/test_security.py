@@ -12,7 +12,7 @@ import grpc
 import make_models
 import numpy as np
 import pytest
-from conftest import make_dataset
+from client_helpers import make_dataset
 
 from visionserve.cli import main
 from visionserve.clients import RetryPolicy, VisionClient, VisionServeError

@@ -14,7 +14,7 @@ import cv2
 import make_models
 import numpy as np
 import pytest
-from conftest import ServerProcess, make_dataset, write_png
+from client_helpers import ServerProcess, make_dataset, write_png
 
 from visionserve.cli import main
 
@@ -258,7 +258,7 @@ def test_ctrl_c_then_rerun_completes(
 
 
 def test_unreachable_server_stops_cleanly(tmp_path: Path, dataset: tuple[Path, Path]) -> None:
-    from conftest import free_port
+    from client_helpers import free_port
 
     code = main(segment_args(*dataset, tmp_path / "out", f"127.0.0.1:{free_port()}"))
     assert code == 3
