@@ -82,11 +82,17 @@ def _serve_and_call(work: Path, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     work = args.workdir.resolve()
-    _train_and_export(work, args.quick)
-    if args.export_only:
-        print(f"\nmodel repository ready in {work / 'models'} ({time.monotonic() - start:.0f} s)")
-        return 0
-    _serve_and_call(work, args.port)
+    try:
+        _train_and_export(work, args.quick)
+        if args.export_only:
+            print(f"\nmodel repository ready in {work / 'models'} ({time.monotonic() - start:.0f} s)")
+            return 0
+        _serve_and_call(work, args.port)
+    except subprocess.CalledProcessError as error:
+        step = error.cmd[3]
+        print(f"\ndemo failed: `visionserve {step} ...` exited with {error.returncode} (see above)",
+              file=sys.stderr)
+        return 1
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s; everything is under {work}")
     print(f"  masks:   {work / 'results/segment/masks'}   report: {work / 'results/segment/report.html'}")
     print(f"  models:  {work / 'models'}   (validation.json beside each model.onnx)")
