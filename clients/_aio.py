@@ -10,58 +10,25 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from visionserve.clients._channel import ChannelConfig, Pem
-from visionserve.clients._errors import RetryPolicy, VisionServeError, acall_with_retry, translate
+from visionserve.clients._channel import ClientBase
+from visionserve.clients._errors import VisionServeError, acall_with_retry, translate
 from visionserve.clients._messages import ImageInput, MaskInput, classify_request, segment_request
 from visionserve.clients._types import ClassifyResult, SegmentResult, classify_result, stream_item
 from visionserve.protos import visionserve_pb2 as pb
-from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 
-class AsyncVisionClient:
+class AsyncVisionClient(ClientBase):
     """``async with AsyncVisionClient("localhost:8001") as client: await client.segment(...)``.
 
     Create it inside a running event loop. Errors, retries (UNAVAILABLE only),
     deadlines, TLS and token: as :class:`VisionClient`.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 30.0,
-        retries: int = 3,
-        max_message_mb: int = 64,
-        root_certificates: Pem | None = None,
-        private_key: Pem | None = None,
-        certificate_chain: Pem | None = None,
-        token: str | None = None,
-        tls: bool = False,
-        server_name: str | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.config = ChannelConfig(
-            target,
-            root_certificates,
-            private_key,
-            certificate_chain,
-            token,
-            tls,
-            server_name,
-            max_message_mb,
-        )
-        self.retry_policy = retry_policy or RetryPolicy(retries=retries)
-        self.timeout = timeout
-        self.metadata = self.config.metadata()
-        self._channel = self.config.aio_channel()
-        self.stub = pb_grpc.VisionServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _asyncio = True
 
     async def __aenter__(self) -> AsyncVisionClient:
         return self

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2_grpc
+
+from visionserve.clients._errors import RetryPolicy
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 
 Pem = bytes | str | Path
 
@@ -90,3 +94,43 @@ class ChannelConfig:
         if self.secure:
             return grpc.aio.secure_channel(self.target, self.credentials(), options=self.options())
         return grpc.aio.insecure_channel(self.target, options=self.options())
+
+
+class ClientBase:
+    """The constructor shared by :class:`VisionClient` and :class:`AsyncVisionClient`."""
+
+    _asyncio = False
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        max_message_mb: int = 64,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        server_name: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.config = ChannelConfig(
+            target,
+            root_certificates,
+            private_key,
+            certificate_chain,
+            token,
+            tls,
+            server_name,
+            max_message_mb,
+        )
+        self.retry_policy = retry_policy or RetryPolicy(retries=retries)
+        self.timeout = timeout
+        self.metadata = self.config.metadata()
+        self._channel = self.config.aio_channel() if self._asyncio else self.config.channel()
+        self.stub = pb_grpc.VisionServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -8,21 +8,20 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from visionserve.clients._channel import ChannelConfig, Pem
-from visionserve.clients._errors import RetryPolicy, VisionServeError, call_with_retry, translate
+from visionserve.clients._channel import ClientBase
+from visionserve.clients._errors import VisionServeError, call_with_retry, translate
 from visionserve.clients._messages import ImageInput, MaskInput, classify_request, segment_request
 from visionserve.clients._types import ClassifyResult, SegmentResult, classify_result, stream_item
 from visionserve.protos import visionserve_pb2 as pb
-from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class VisionClient:
+class VisionClient(ClientBase):
     """``with VisionClient("localhost:8001") as client: client.segment("a.png", model="unet")``.
 
     Every failed call raises :class:`VisionServeError` with the status code. Unary calls
@@ -31,40 +30,6 @@ class VisionClient:
     the default per-call deadline in seconds; each method takes its own ``timeout`` too.
     TLS, mutual TLS and the bearer token: see :class:`ChannelConfig`.
     """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 30.0,
-        retries: int = 3,
-        max_message_mb: int = 64,
-        root_certificates: Pem | None = None,
-        private_key: Pem | None = None,
-        certificate_chain: Pem | None = None,
-        token: str | None = None,
-        tls: bool = False,
-        server_name: str | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.config = ChannelConfig(
-            target,
-            root_certificates,
-            private_key,
-            certificate_chain,
-            token,
-            tls,
-            server_name,
-            max_message_mb,
-        )
-        self.retry_policy = retry_policy or RetryPolicy(retries=retries)
-        self.timeout = timeout
-        self._metadata = self.config.metadata()
-        self._channel = self.config.channel()
-        self._stub = pb_grpc.VisionServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> VisionClient:
         return self
@@ -78,7 +43,7 @@ class VisionClient:
     def _call(self, fn: Callable[..., T], request: object, timeout: float | None) -> T:
         deadline = timeout or self.timeout
         return call_with_retry(
-            lambda: fn(request, timeout=deadline, metadata=self._metadata),
+            lambda: fn(request, timeout=deadline, metadata=self.metadata),
             self.retry_policy,
             what=type(request).__name__,
         )
@@ -89,7 +54,7 @@ class VisionClient:
         while True:
             try:
                 reply = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1.0, metadata=self._metadata
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0, metadata=self.metadata
                 )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -110,7 +75,7 @@ class VisionClient:
     ) -> ClassifyResult:
         """Top-k labels of one image (path, encoded bytes, or uint8 RGB array)."""
         request = classify_request(image, model=model, version=version, top_k=top_k)
-        return classify_result(self._call(self._stub.Classify, request, timeout))
+        return classify_result(self._call(self.stub.Classify, request, timeout))
 
     def segment(
         self,
@@ -132,7 +97,7 @@ class VisionClient:
             ignore_index=ignore_index,
             request_id=request_id,
         )
-        result = stream_item(self._call(self._stub.Segment, request, timeout))
+        result = stream_item(self._call(self.stub.Segment, request, timeout))
         if isinstance(result, VisionServeError):
             raise result
         return result
@@ -147,8 +112,8 @@ class VisionClient:
         raises VisionServeError; streams are not retried (the requests are not replayed).
         ``timeout`` bounds the whole stream (default: none).
         """
-        responses = self._stub.SegmentStream(
-            iter(requests), timeout=timeout, metadata=self._metadata
+        responses = self.stub.SegmentStream(
+            iter(requests), timeout=timeout, metadata=self.metadata
         )
         try:
             for response in responses:
@@ -157,11 +122,11 @@ class VisionClient:
             raise translate(error) from error
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout).models)
 
     def get_model(
         self, model: str, version: str = "", timeout: float | None = None
     ) -> pb.ModelInfo:
         return self._call(
-            self._stub.GetModel, pb.GetModelRequest(model=model, version=version), timeout
+            self.stub.GetModel, pb.GetModelRequest(model=model, version=version), timeout
         )
