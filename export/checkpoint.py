@@ -1,4 +1,9 @@
-"""Checkpoints: ``model.pth`` (a state_dict) + ``model.json`` (what the weights are).
+"""Checkpoints: weights + ``model.json`` (what the weights are).
+
+Weights come as a PyTorch state_dict (``.pth``/``.pt``, loaded with ``weights_only=True``), a
+``.safetensors`` file (both for zoo architectures), or a ``torch.export`` program (``.pt2``)
+for architectures outside the zoo: then ``architecture`` is free text, and ``task``, ``labels``
+and ``input`` are required.
 
 ``model.json``::
 
@@ -6,7 +11,8 @@
      "arch_kwargs": {...},                      # extra builder arguments
      "task": "classification" | "segmentation",
      "labels": [...],                           # class names; len = number of classes
-     "input": {"height": 96, "width": 96, "mean": [r, g, b], "std": [r, g, b]},
+     "input": {"height": 96, "width": 96, "mean": [r, g, b], "std": [r, g, b],
+               "size_multiple": 1},             # optional: H, W must be multiples of it
      "metrics": {...}}                          # optional: what training measured
 
 Preprocessing: pixel / 255, then (x - mean) / std, RGB order, NCHW float32.
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from visionserve.export.models import TASK_OF_ARCHITECTURE, build_model
+from visionserve.server.model_config import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10
+PROGRAM_SUFFIXES = (".pt2",)
+SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Read and check a ``model.json``; fills defaults for ``arch_kwargs``, ``task`` and ``input``."""
+def is_program(path: Path) -> bool:
+    """Whether ``path`` names a ``torch.export`` program (``.pt2``) rather than weights."""
+    return Path(path).suffix.lower() in PROGRAM_SUFFIXES
+
+
+def read_metadata(path: Path, *, program: bool = False) -> dict[str, Any]:
+    """Read and check a ``model.json``; fills defaults for ``arch_kwargs``, ``task`` and ``input``.
+
+    ``program``: the metadata describes a ``torch.export`` program (see :func:`check_metadata`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint metadata {path} not found (expected model.json beside "
@@ -43,23 +60,41 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     try:
-        return check_metadata(data)
+        return check_metadata(data, program=program)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def check_metadata(data: dict[str, Any]) -> dict[str, Any]:
-    """Check checkpoint metadata (see the module docstring) and fill defaults; returns a copy."""
-    if not isinstance(data, dict):
-        raise ValueError(f"metadata must be a JSON object, got {type(data).__name__}")  # noqa: TRY004
-    data = dict(data)
+def _check_task(data: dict[str, Any], program: bool) -> None:
     arch = data.get("architecture")
+    if program:  # outside the zoo: the metadata must say what the program is
+        data.setdefault("architecture", "torch.export program")
+        if data.get("task") not in TASKS:
+            raise ValueError(f"a torch.export program's metadata must give 'task' as one of {TASKS}, "
+                             f"got {data.get('task')!r}")
+        if not isinstance(data.get("input"), dict) or not {"height", "width"} <= set(data["input"]):
+            raise ValueError("a torch.export program's metadata must give 'input' with 'height' and "
+                             f"'width' (and mean/std unless ImageNet's), got {data.get('input')!r}")
+        return
     if arch not in TASK_OF_ARCHITECTURE:
-        raise ValueError(f"'architecture' must be one of {sorted(TASK_OF_ARCHITECTURE)}, got {arch!r}")
+        raise ValueError(f"'architecture' must be one of {sorted(TASK_OF_ARCHITECTURE)}, got {arch!r} "
+                         "(architectures outside the zoo: export a torch.export program, .pt2)")
     data.setdefault("task", TASK_OF_ARCHITECTURE[arch])
     if data["task"] != TASK_OF_ARCHITECTURE[arch]:
         raise ValueError(f"architecture {arch!r} is a {TASK_OF_ARCHITECTURE[arch]} model, "
                          f"but 'task' says {data['task']!r}")
+
+
+def check_metadata(data: dict[str, Any], *, program: bool = False) -> dict[str, Any]:
+    """Check checkpoint metadata (see the module docstring) and fill defaults; returns a copy.
+
+    ``program``: describes a ``torch.export`` program, so ``architecture`` need not be in the
+    zoo but ``task`` and ``input`` (height, width) are required.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(data).__name__}")  # noqa: TRY004
+    data = dict(data)
+    _check_task(data, program)
     labels = data.get("labels")
     if not isinstance(labels, list) or len(labels) < 2:
         raise ValueError(f"'labels' must list at least 2 class names, got {labels!r}")
@@ -68,6 +103,8 @@ def check_metadata(data: dict[str, Any]) -> dict[str, Any]:
     spec.update(data.get("input") or {})
     if int(spec["height"]) < 1 or int(spec["width"]) < 1 or len(spec["mean"]) != 3 or len(spec["std"]) != 3:
         raise ValueError(f"'input' needs positive height/width and 3-value mean/std, got {spec}")
+    if int(spec.get("size_multiple", 1)) < 1:
+        raise ValueError(f"'input.size_multiple' must be a positive integer, got {spec['size_multiple']!r}")
     data["input"] = spec
     data.setdefault("metrics", {})
     return data
@@ -140,21 +177,55 @@ def build_from_metadata(metadata: dict[str, Any]) -> nn.Module:
                        **metadata["arch_kwargs"])
 
 
+def _load_weights(path: Path) -> Any:
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"could not load {path} as a safetensors file: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-weights objects
+        raise ValueError(f"could not load {path} as a weights-only PyTorch checkpoint: {exc}") from exc
+
+
+def load_program(path: Path) -> nn.Module:
+    """The module of a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``).
+
+    It is a ``GraphModule``: it cannot be switched to train/eval mode (the program was
+    captured in whatever mode it was exported in -- export it in eval mode).
+    """
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # zip/format errors, programs from an incompatible torch
+        raise ValueError(f"could not load {path} as a torch.export program (.pt2 written by "
+                         f"torch.export.save): {exc}") from exc
+    return program.module()
+
+
 def load_checkpoint(path: Path, metadata: dict[str, Any] | Path) -> nn.Module:
     """Build the model that ``metadata`` describes and load the weights at ``path`` (eval mode).
 
+    ``path``: a state_dict (``.pth``; ``weights_only=True``), ``.safetensors``, or a
+    ``torch.export`` program (``.pt2``: its module is returned, metadata as for programs).
     ``metadata`` is a ``model.json`` path or its parsed dict. Raises ``ValueError`` naming the
     keys that do not fit (first 10) or the class count that differs.
     """
-    metadata = read_metadata(metadata) if isinstance(metadata, (str, Path)) else check_metadata(metadata)
     path = Path(path)
+    program = is_program(path)
+    if isinstance(metadata, (str, Path)):
+        metadata = read_metadata(metadata, program=program)
+    else:
+        metadata = check_metadata(metadata, program=program)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-weights objects
-        raise ValueError(f"could not load {path} as a weights-only PyTorch checkpoint: {exc}") from exc
-    state = extract_state_dict(loaded)
+    if program:
+        logger.info("loaded torch.export program %s (%s)", path, metadata["task"])
+        return load_program(path)
+    state = extract_state_dict(_load_weights(path))
     model = build_from_metadata(metadata)
     _check_keys(model, state, metadata)
     model.load_state_dict(state, strict=True)

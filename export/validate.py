@@ -1,19 +1,27 @@
 """Number-by-number validation of an exported ONNX model: ONNX Runtime (CPU) vs PyTorch.
 
-For each sample batch (batch 1, batch 4, and for segmenters a second image size) the report
-holds the max absolute / relative error of every float output, the top-1 agreement
-(classifiers) and the mask pixel agreement (segmenters). Segmenters' logits are compared too:
-the tensor feeding ArgMax is exposed as an extra output of a validation copy of the graph.
+Inputs (:func:`sample_inputs`): generated shapes images at batch sizes 1, 3 and 8, and
+*tie-heavy* images (constant images and large flat regions, where max-pool windows and
+neighbouring pixels tie) at the model's size; segmenters also at other sizes, odd ones
+included (96x96, 75x131, 33x47 by default), both kinds.
+
+For each batch the report holds the max absolute / relative error of every float output,
+the top-1 agreement (classifiers), and the mask pixel agreement and per-class IoU between
+the PyTorch and the ONNX Runtime masks (segmenters). Segmenters' logits are compared too: the
+tensor feeding ArgMax is exposed as an extra output of a validation copy of the graph.
 
 Agreement of argmax results is judged where the decision is clear: a pixel (or image) whose
-top-2 PyTorch logits are closer than the tolerance may legitimately flip, so it counts as
+top-2 PyTorch logits are closer than 2 * atol may legitimately flip, so it counts as
 ambiguous; raw agreement is reported as well.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,30 @@ from visionserve.export.datasets import read_image, sample
 logger = logging.getLogger(__name__)
 
 SAMPLE_SEED = 1234
+BATCH_SIZES = (1, 3, 8)
+SEGMENTATION_SIZES = ((96, 96), (75, 131), (33, 47))  # (H, W): even, odd, small and odd
+OTHER_SIZE_BATCH = 2
 _LOGITS_OUTPUT = "validation_logits"
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass criteria. Floats: ``|onnx - torch| <= atol + rtol * |torch|`` element-wise.
+    Argmax results (top-1, mask pixels): the share of unambiguous images/pixels that agree must
+    be at least ``min_agreement``."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    min_agreement: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.atol < 0 or self.rtol < 0:
+            raise ValueError(f"atol and rtol must be >= 0, got atol={self.atol} rtol={self.rtol}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be a share in [0, 1], got {self.min_agreement}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "argmax_ambiguity_margin": 2 * self.atol}
 
 
 class ExportValidationError(RuntimeError):
@@ -36,8 +67,9 @@ class ExportValidationError(RuntimeError):
 
     def __init__(self, report: dict[str, Any]) -> None:
         failed = [c["name"] for c in report["checks"] if not c["passed"]]
-        super().__init__(f"ONNX Runtime output differs from PyTorch beyond atol={report['tolerances']['atol']}"
-                         f" rtol={report['tolerances']['rtol']} in checks {failed}")
+        tol = report["tolerances"]
+        super().__init__(f"ONNX Runtime output differs from PyTorch beyond atol={tol['atol']} "
+                         f"rtol={tol['rtol']} min_agreement={tol['min_agreement']} in checks {failed}")
         self.report = report
 
 
@@ -51,26 +83,55 @@ def _load_samples(samples: Path | None, count: int) -> list[np.ndarray]:
     return [read_image(files[i % len(files)]) for i in range(count)]
 
 
-def preprocess(images: list[np.ndarray], height: int, width: int, mean: list[float],
-               std: list[float]) -> np.ndarray:
+def tie_heavy_images(count: int, height: int, width: int, seed: int = SAMPLE_SEED) -> list[np.ndarray]:
+    """RGB uint8 images made of ties: even ones constant (black, white, then random colours),
+    odd ones a few large flat rectangles of random colours (no noise, no blur)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        fixed = {0: (0, 0, 0), 2: (255, 255, 255)}
+        colour = fixed.get(i, tuple(rng.integers(0, 256, 3)))
+        image = np.empty((height, width, 3), np.uint8)
+        image[:] = colour
+        if i % 2:
+            for _ in range(3):
+                y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+                y1, x1 = int(rng.integers(y0 + 1, height + 1)), int(rng.integers(x0 + 1, width + 1))
+                image[y0:y1, x0:x1] = rng.integers(0, 256, 3)
+        images.append(image)
+    return images
+
+
+def preprocess(images: list[np.ndarray], height: int, width: int, mean: Sequence[float],
+               std: Sequence[float]) -> np.ndarray:
     """RGB uint8 images -> resized, normalised NCHW float32 (pixel / 255 - mean) / std."""
-    resized = [cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in images]
+    resized = [im if im.shape[:2] == (height, width) else
+               cv2.resize(im, (width, height), interpolation=cv2.INTER_LINEAR) for im in images]
     x = np.stack(resized).astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def sample_inputs(metadata: dict[str, Any], samples: Path | None = None) -> dict[str, np.ndarray]:
-    """Named input batches to validate on: batch 1 and 4 at the model's size, and for segmenters
-    batch 2 at another size (dynamic H, W)."""
+def sample_inputs(metadata: dict[str, Any], samples: Path | None = None, *,
+                  batch_sizes: Sequence[int] = BATCH_SIZES,
+                  sizes: Sequence[tuple[int, int]] = SEGMENTATION_SIZES) -> dict[str, np.ndarray]:
+    """Named input batches to validate on (see the module docstring).
+
+    Generated images at each of ``batch_sizes`` and tie-heavy ones at the largest, at the model's
+    size; for segmenters also both kinds at batch 2 for each (H, W) of ``sizes``.
+    """
     spec = metadata["input"]
-    h, w = int(spec["height"]), int(spec["width"])
-    images = _load_samples(samples, 6)
-    batches = {f"batch1_{h}x{w}": preprocess(images[:1], h, w, spec["mean"], spec["std"]),
-               f"batch4_{h}x{w}": preprocess(images[1:5], h, w, spec["mean"], spec["std"])}
+    mean, std = spec["mean"], spec["std"]
+    shapes = [(b, int(spec["height"]), int(spec["width"])) for b in batch_sizes]
+    ties = [(max(batch_sizes), int(spec["height"]), int(spec["width"]))]
     if metadata["task"] == "segmentation":
-        oh, ow = max(32, (h // 2 + 31) // 32 * 32), (w + 32 + 31) // 32 * 32
-        batches[f"batch2_{oh}x{ow}"] = preprocess(images[4:6], oh, ow, spec["mean"], spec["std"])
+        others = [(OTHER_SIZE_BATCH, h, w) for h, w in sizes if (h, w) != shapes[0][1:]]
+        shapes, ties = shapes + others, ties + others
+    images = iter(_load_samples(samples, sum(b for b, _, _ in shapes)))
+    batches = {f"generated b{b} {h}x{w}": preprocess([next(images) for _ in range(b)], h, w, mean, std)
+               for b, h, w in shapes}
+    for b, h, w in ties:
+        batches[f"tie-heavy b{b} {h}x{w}"] = preprocess(tie_heavy_images(b, h, w), h, w, mean, std)
     return batches
 
 
@@ -85,47 +146,75 @@ def expose_argmax_input(model_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def _float_error(actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+def _float_error(actual: np.ndarray, expected: np.ndarray, tol: Tolerances) -> dict[str, Any]:
     if actual.shape != expected.shape:
         return {"passed": False, "error": f"shape {list(actual.shape)} != PyTorch {list(expected.shape)}"}
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
     rel = diff / np.maximum(np.abs(expected), 1e-12)
     return {"max_abs_error": float(diff.max()), "max_rel_error": float(rel.max()),
             "mean_abs_error": float(diff.mean()),
-            "passed": bool(np.all(diff <= atol + rtol * np.abs(expected)))}
+            "passed": bool(np.all(diff <= tol.atol + tol.rtol * np.abs(expected)))}
 
 
-def _agreement(ours: np.ndarray, reference: np.ndarray, logits: np.ndarray, atol: float) -> dict[str, Any]:
+def _agreement(ours: np.ndarray, reference: np.ndarray, logits: np.ndarray, tol: Tolerances) -> dict[str, Any]:
     """Argmax agreement; ambiguous = top-2 reference logits within 2 * atol of each other."""
     top2 = np.sort(logits, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * atol
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol.atol
     same = ours == reference
     clear_agree = float(same[clear].mean()) if clear.any() else 1.0
     return {"agreement": float(same.mean()), "agreement_unambiguous": clear_agree,
-            "ambiguous": int((~clear).sum()), "total": int(same.size), "passed": clear_agree == 1.0}
+            "ambiguous": int((~clear).sum()), "total": int(same.size),
+            "passed": clear_agree >= tol.min_agreement}
 
 
-def _check_batch(session: ort.InferenceSession, model: nn.Module, task: str, x: np.ndarray,
-                 atol: float, rtol: float) -> dict[str, Any]:
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x)).numpy()
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x})))
-    check: dict[str, Any] = {"input_shape": list(x.shape), "outputs": {}}
-    if task == "classification":
-        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-        check["outputs"]["logits"] = _float_error(got["logits"], logits, atol, rtol)
-        check["outputs"]["probabilities"] = _float_error(got["probabilities"], probs, atol, rtol)
-        top1 = _agreement(got["logits"].argmax(1), logits.argmax(1), logits, atol)
-        check["top1"] = top1
-        parts = [top1["passed"]]
+def mask_iou(ours: np.ndarray, reference: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Per-class IoU of two class masks (None: class in neither) and the mean over present ones."""
+    per_class: list[float | None] = []
+    for c in range(num_classes):
+        a, b = ours == c, reference == c
+        union = int(np.logical_or(a, b).sum())
+        per_class.append(int(np.logical_and(a, b).sum()) / union if union else None)
+    present = [v for v in per_class if v is not None]
+    return {"per_class_iou": per_class, "mean_iou": float(np.mean(present)) if present else math.nan}
+
+
+def _classification_checks(got: dict[str, np.ndarray], logits: np.ndarray, tol: Tolerances,
+                           check: dict[str, Any]) -> list[bool]:
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    check["outputs"]["logits"] = _float_error(got["logits"], logits, tol)
+    check["outputs"]["probabilities"] = _float_error(got["probabilities"], probs, tol)
+    check["top1"] = _agreement(got["logits"].argmax(1), logits.argmax(1), logits, tol)
+    return [check["top1"]["passed"]]
+
+
+def _segmentation_checks(got: dict[str, np.ndarray], logits: np.ndarray, tol: Tolerances,
+                         check: dict[str, Any]) -> list[bool]:
+    check["outputs"]["logits (ArgMax input)"] = _float_error(got[_LOGITS_OUTPUT], logits, tol)
+    if "probability" in got:
+        expected = torch.softmax(torch.from_numpy(logits), dim=1).amax(1).numpy()
+        check["outputs"]["probability"] = _float_error(got["probability"], expected, tol)
+    if "logits" in got:
+        check["outputs"]["logits"] = _float_error(got["logits"], logits, tol)
+    mask, ref = got["mask"], logits.argmax(1).astype(np.uint8)
+    if mask.dtype != np.uint8 or mask.shape != ref.shape:
+        check["mask"] = {"passed": False, "error": f"mask {mask.dtype} {list(mask.shape)}, "
+                                                   f"expected uint8 {list(ref.shape)}"}
     else:
-        check["outputs"]["logits (ArgMax input)"] = _float_error(got[_LOGITS_OUTPUT], logits, atol, rtol)
-        mask, ref = got["mask"], logits.argmax(1).astype(np.uint8)
-        shape_ok = mask.dtype == np.uint8 and mask.shape == ref.shape
-        check["mask"] = (_agreement(mask, ref, logits, atol) if shape_ok else
-                         {"passed": False, "error": f"mask {mask.dtype} {list(mask.shape)}, "
-                                                    f"expected uint8 {list(ref.shape)}"})
-        parts = [check["mask"]["passed"]]
+        check["mask"] = _agreement(mask, ref, logits, tol) | mask_iou(mask, ref, logits.shape[1])
+    return [check["mask"]["passed"]]
+
+
+def _check_batch(session: ort.InferenceSession, reference: nn.Module, task: str, x: np.ndarray,
+                 tol: Tolerances) -> dict[str, Any]:
+    check: dict[str, Any] = {"input_shape": list(x.shape), "outputs": {}}
+    with torch.no_grad():
+        logits = reference(torch.from_numpy(x)).numpy()
+    try:
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x})))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        return {**check, "passed": False, "error": f"ONNX Runtime failed on {list(x.shape)}: {exc}"}
+    check_outputs = _classification_checks if task == "classification" else _segmentation_checks
+    parts = check_outputs(got, logits, tol, check)
     check["passed"] = all(parts) and all(o["passed"] for o in check["outputs"].values())
     return check
 
@@ -136,24 +225,28 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def validate_onnx(model_bytes: bytes, model: nn.Module, task: str, inputs: dict[str, np.ndarray], *,
-                  atol: float = 1e-4, rtol: float = 1e-4) -> dict[str, Any]:
-    """Run ``model_bytes`` on ONNX Runtime (CPU) and ``model`` on PyTorch; the validation report."""
-    model = model.eval()
+def validate_onnx(model_bytes: bytes, reference: nn.Module, task: str, inputs: dict[str, np.ndarray], *,
+                  tolerances: Tolerances | None = None) -> dict[str, Any]:
+    """Run ``model_bytes`` on ONNX Runtime (CPU) and ``reference`` on PyTorch; the validation report.
+
+    ``reference`` maps the image batch to the logits the graph post-processes (for segmenters
+    at the input's H, W); it is called as is, so put it in eval mode first.
+    """
+    tol = tolerances or Tolerances()
     runnable = expose_argmax_input(model_bytes) if task == "segmentation" else model_bytes
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(runnable, options, providers=["CPUExecutionProvider"])
     checks = []
     for name, x in inputs.items():
-        check = _check_batch(session, model, task, x, atol, rtol)
+        check = _check_batch(session, reference, task, x, tol)
         checks.append({"name": name, **check})
         logger.info("validated %s: %s", name, "ok" if check["passed"] else "FAILED")
     proto = onnx.load_from_string(model_bytes)
     return {
         "passed": all(c["passed"] for c in checks),
         "task": task,
-        "tolerances": {"atol": atol, "rtol": rtol, "argmax_ambiguity_margin": 2 * atol},
+        "tolerances": tol.to_dict(),
         "runtime": {"onnxruntime_providers": session.get_providers()},
         "versions": versions(),
         "graph": {"inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output],
@@ -164,21 +257,33 @@ def validate_onnx(model_bytes: bytes, model: nn.Module, task: str, inputs: dict[
     }
 
 
+def _rows(check: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    if "error" in check:
+        rows.append((check["name"], "-", "", "", "", "", "FAIL: " + check["error"][:120]))
+    for out, err in check["outputs"].items():
+        rows.append((check["name"], out, f"{err.get('max_abs_error', math.nan):.2e}",
+                     f"{err.get('max_rel_error', math.nan):.2e}", "", "",
+                     "ok" if err["passed"] else "FAIL " + err.get("error", "")))
+    for key in ("top1", "mask"):
+        if key in check:
+            agree = check[key]
+            text = f"{agree['agreement']:.4%}" if "agreement" in agree else agree.get("error", "")
+            iou = f"{agree['mean_iou']:.4f}" if "mean_iou" in agree else ""
+            rows.append((check["name"], key, "", "", text, iou, "ok" if agree["passed"] else "FAIL"))
+    return rows
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """A short text table of a validation report."""
-    rows = [("check", "output", "max abs err", "agreement", "result")]
+    """A text table of a validation report: one row per output and per argmax check."""
+    rows = [("check", "output", "max abs err", "max rel err", "agreement", "mean IoU", "result")]
     for check in report["checks"]:
-        for out, err in check["outputs"].items():
-            rows.append((check["name"], out, f"{err.get('max_abs_error', float('nan')):.2e}", "",
-                         "ok" if err["passed"] else "FAIL"))
-        for key in ("top1", "mask"):
-            if key in check:
-                agree = check[key]
-                text = f"{agree.get('agreement', 0):.4%}" if "agreement" in agree else agree.get("error", "")
-                rows.append((check["name"], key, "", text, "ok" if agree["passed"] else "FAIL"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+        rows.extend(_rows(check))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    tol = report["tolerances"]
     verdict = "PASSED" if report["passed"] else "FAILED"
-    lines.append(f"{verdict} (atol={report['tolerances']['atol']}, rtol={report['tolerances']['rtol']})")
+    lines.append(f"{verdict} (atol={tol['atol']}, rtol={tol['rtol']}, "
+                 f"min_agreement={tol.get('min_agreement', 1.0)})")
     return "\n".join(lines)

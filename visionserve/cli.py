@@ -15,7 +15,7 @@ import sys
 COMMANDS = {
     "generate": "Generate the synthetic shapes data set (images, masks, labels)",
     "train": "Train the demo ResNet classifier or UNet segmenter on a data set",
-    "export": "Export a checkpoint to ONNX, validate it and write a model repository entry",
+    "export": "Export a checkpoint to ONNX (TensorRT-compatible, op-audited, validated) into a model repository",
     "build": "Build a TensorRT engine (and an FP16 ONNX) for a model in a repository",
     "serve": "Serve a model repository over gRPC",
     "segment": "Segment a folder of images through a server; masks + IoU report",

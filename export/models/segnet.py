@@ -80,6 +80,11 @@ class SegNet(nn.Module):
             "min_size": 2**self.depth,
         }
 
+    @property
+    def size_multiple(self) -> int:
+        """Any H, W >= 2**depth works (unpooling restores odd sizes): no padding needed."""
+        return 1
+
     def forward(self, x: Tensor) -> Tensor:
         if not (
             torch.jit.is_tracing()

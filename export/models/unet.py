@@ -43,6 +43,11 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList([_block(2 * widths[i], widths[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (the export pads up to it)."""
+        return 2**self.depth
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             self._check_input(x)

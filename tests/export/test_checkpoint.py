@@ -115,3 +115,42 @@ def test_metadata_checks_and_defaults(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(json.dumps({"architecture": "unet"}))
     with pytest.raises(ValueError, match="model.json: 'labels'"):
         read_metadata(tmp_path / "model.json")
+
+
+def test_safetensors_checkpoints_load(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    model = build_from_metadata(SEGMENTER_METADATA)
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    assert _same_weights(load_checkpoint(tmp_path / "m.safetensors", SEGMENTER_METADATA), model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.bias"}
+    save_file(state, tmp_path / "short.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \[head.bias\]"):
+        load_checkpoint(tmp_path / "short.safetensors", SEGMENTER_METADATA)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="as a safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors", SEGMENTER_METADATA)
+
+
+def test_torch_export_programs_load_with_program_metadata(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1)).eval()
+    dim = torch.export.Dim.DYNAMIC
+    program = torch.export.export(model, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: dim},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    metadata = {"architecture": "my-net", "task": "segmentation", "labels": ["bg", "fg"],
+                "input": {"height": 16, "width": 16}}
+    loaded = load_checkpoint(tmp_path / "model.pt2", metadata)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match="must give 'task'"):
+        load_checkpoint(tmp_path / "model.pt2", {"labels": ["bg", "fg"], "input": {"height": 16, "width": 16}})
+    with pytest.raises(ValueError, match="must give 'input' with 'height' and 'width'"):
+        load_checkpoint(tmp_path / "model.pt2", {"task": "segmentation", "labels": ["bg", "fg"]})
+    with pytest.raises(ValueError, match="'architecture' must be one of.*torch.export program"):
+        load_checkpoint(tmp_path / "model.pth", metadata)  # weights need a zoo architecture
+    (tmp_path / "broken.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="as a torch.export program"):
+        load_checkpoint(tmp_path / "broken.pt2", metadata)

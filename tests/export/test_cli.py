@@ -32,7 +32,7 @@ def test_generate_train_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_export_failure_exits_non_zero(tmp_path: Path, classifier_checkpoint: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["export", "--checkpoint", str(classifier_checkpoint), "--repository", str(tmp_path / "r"),
-                 "--name", "m", "--atol", "-1", "--rtol", "0"])
+                 "--name", "m", "--atol", "0", "--rtol", "0"])
     assert code == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "nothing was written" in captured.err

@@ -15,7 +15,12 @@ from visionserve.export.onnx_export import (
     model_config_from_metadata,
     onnx_from_module,
 )
-from visionserve.export.validate import ExportValidationError, expose_argmax_input, format_report
+from visionserve.export.validate import (
+    ExportValidationError,
+    Tolerances,
+    expose_argmax_input,
+    format_report,
+)
 from visionserve.server.model_config import ModelConfig
 
 
@@ -30,7 +35,8 @@ def test_classifier_export_matches_torch(tmp_path: Path, classifier_checkpoint: 
         for err in check["outputs"].values():
             assert err["max_abs_error"] <= 1e-4
         assert check["top1"]["agreement"] == 1.0
-    assert {c["input_shape"][0] for c in report["checks"]} == {1, 4}
+    assert {c["input_shape"][0] for c in report["checks"]} == {1, 3, 8}
+    assert any(c["name"].startswith("tie-heavy") for c in report["checks"])
     assert report["graph"]["outputs"] == ["logits", "probabilities"]
     assert report["graph"]["opset"] == 17
     written = json.loads((tmp_path / "repo/shapes-cls/1/validation.json").read_text())
@@ -57,11 +63,12 @@ def test_segmenter_export_matches_torch(tmp_path: Path, segmenter_checkpoint: Pa
     report = export_checkpoint(segmenter_checkpoint, tmp_path / "repo", "shapes-seg")
     assert report["passed"]
     sizes = {tuple(c["input_shape"][2:]) for c in report["checks"]}
-    assert len(sizes) == 2  # the training size and another one
+    assert sizes == {(64, 64), (96, 96), (75, 131), (33, 47)}  # the training size, others, odd ones
     for check in report["checks"]:
         assert check["mask"]["agreement_unambiguous"] == 1.0
         assert check["mask"]["agreement"] >= 0.9999
         assert check["outputs"]["logits (ArgMax input)"]["max_abs_error"] <= 1e-4
+        assert check["mask"]["mean_iou"] == 1.0
     assert "ArgMax" in report["graph"]["op_types"] and "ConvTranspose" in report["graph"]["op_types"]
 
     # dynamic batch and size, uint8 (N, H, W) mask equal to torch's argmax
@@ -72,6 +79,10 @@ def test_segmenter_export_matches_torch(tmp_path: Path, segmenter_checkpoint: Pa
         expected = model(torch.from_numpy(x)).argmax(1).numpy()
     assert mask.dtype == np.uint8 and mask.shape == (3, 40, 72)
     assert (mask == expected).mean() >= 0.9999
+    # any size: 37x45 is no multiple of 8 (UNet depth 3); the graph pads and crops
+    (odd,) = _session(tmp_path / "repo/shapes-seg/1/model.onnx").run(["mask"], {"image": x[:, :, :37, :45]})
+    assert odd.shape == (3, 37, 45)
+    assert report["export"]["size_multiple"] == 8 and report["export"]["pad_mode"] == "replicate"
 
     config = ModelConfig.load(tmp_path / "repo/shapes-seg/model.yaml")
     assert config.task == "segmentation" and config.outputs == {"mask": "mask"}
@@ -92,7 +103,8 @@ def test_versions_increment_and_explicit_version(tmp_path: Path, segmenter_check
 def test_failed_validation_writes_nothing(tmp_path: Path, classifier_checkpoint: Path) -> None:
     # a negative tolerance can never be met: the validation must fail and leave no version behind
     with pytest.raises(ExportValidationError) as info:
-        export_checkpoint(classifier_checkpoint, tmp_path / "repo", "m", atol=-1.0, rtol=0.0)
+        export_checkpoint(classifier_checkpoint, tmp_path / "repo", "m",
+                          tolerances=Tolerances(atol=0.0, rtol=0.0))
     assert not info.value.report["passed"]
     assert "FAILED" in format_report(info.value.report)
     assert not (tmp_path / "repo/m").exists() or not any((tmp_path / "repo/m").iterdir())
