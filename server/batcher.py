@@ -14,6 +14,10 @@ runs a batch, the next one forms its own.
   its own batch(es).
 - A failing batch fails each of its requests with one error; the worker goes on.
 - ``close`` drains: everything accepted before it still runs.
+- With ``max_queue_delay`` 0, a request whose caller waits for it (``inline=True``)
+  and that finds the queue empty and an instance free runs at once in the caller's
+  thread (a batch of one), skipping two thread hand-offs; ``instances`` still bounds
+  how many batches run at a time.
 """
 
 from __future__ import annotations
@@ -172,6 +176,8 @@ class Batcher:
         self._queue: queue.Queue[QueuedRequest | _Stop] = queue.Queue(maxsize=queue_size)
         self._submit_lock = threading.Lock()
         self._collect_lock = threading.Lock()
+        self._slots = threading.Semaphore(instances)  # batches running at once
+        self._inline = max_queue_delay_s == 0
         self._closed = False
         self._workers = [
             threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
@@ -188,8 +194,14 @@ class Batcher:
         """Requests waiting (approximate)."""
         return self._queue.qsize()
 
-    def submit(self, tensor: np.ndarray, deadline: float | None = None) -> Future:
+    def submit(
+        self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
+    ) -> Future:
         """Queue ``tensor`` ([rows, ...]); the future resolves to its outputs (same rows).
+
+        ``inline=True`` is for a caller that waits for the result right away: when the
+        queue is empty, the queue delay 0 and an instance free, the request runs in the
+        caller's thread before ``submit`` returns (the future is then already done).
 
         Raises ``InvalidArgument`` (bad rows), ``DeadlineExceeded`` (deadline already
         passed), ``ResourceExhausted`` (queue full) or ``Unavailable`` (closed).
@@ -209,13 +221,22 @@ class Batcher:
         with self._submit_lock:
             if self._closed:
                 raise Unavailable(f"{self.name} is being unloaded or the server is shutting down")
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                raise ResourceExhausted(
-                    f"{self.name}: the request queue is full ({self.queue_size} requests waiting): "
-                    f"retry later, or raise max_queue_size"
-                ) from None
+            inline = (
+                inline
+                and self._inline
+                and self._queue.empty()
+                and self._slots.acquire(blocking=False)
+            )
+            if not inline:
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    raise ResourceExhausted(
+                        f"{self.name}: the request queue is full ({self.queue_size} requests "
+                        f"waiting): retry later, or raise max_queue_size"
+                    ) from None
+        if inline:
+            self._run_inline(item)
         return item.future
 
     def close(self, timeout: float | None = None) -> None:
@@ -229,20 +250,63 @@ class Batcher:
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in self._workers:
             worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for _ in self._workers:  # batches running in callers' threads finish too
+            self._slots.acquire()
+        for _ in self._workers:
+            self._slots.release()
+
+    def _run_inline(self, item: QueuedRequest) -> None:
+        """Run one request as its own batch in the caller's thread (holding a slot)."""
+        try:
+            item.future.set_running_or_notify_cancel()
+            if self._observer is not None:
+                self._observer.on_queued(0.0)
+            tensor = np.ascontiguousarray(item.tensor)
+            _deliver([self._execute([item], tensor, holding_slot=True)])
+        finally:
+            self._slots.release()
 
     # -- workers ---------------------------------------------------------------
     def _work(self) -> None:
+        """Collect, stack, run; the results of a batch are handed out only once the
+        next batch is stacked (or none is waiting), right before it runs.
+
+        The order matters in one Python process: handing results out wakes the callers'
+        threads, and they hold the GIL while they answer. Stacking (a numpy copy that
+        lets the GIL go) after that would wait behind every one of them, leaving the
+        backend idle; stacked first, the next batch reaches the backend at once.
+        """
+        held: list[_Done] = []  # the last batch's results, not yet handed out
         while True:
-            with self._collect_lock:
-                items, stop = self._collect()
-            if items:
-                self._run(items)
+            if held and not self._collect_lock.acquire(blocking=False):
+                _deliver(held)  # another instance is collecting: it may wait a long time
+                held = []
+            if not held:
+                self._collect_lock.acquire()
+            try:
+                items, stop = self._collect(block=not held)
+            finally:
+                self._collect_lock.release()
+            batches = self._prepare(items) if items else []
+            _deliver(held)
+            held = []
+            for i, (members, tensor) in enumerate(batches):
+                done = self._execute(members, tensor)
+                if i + 1 < len(batches):
+                    _deliver([done])
+                else:
+                    held = [done]
             if stop:
+                _deliver(held)
                 return
 
-    def _collect(self) -> tuple[list[QueuedRequest], bool]:
-        """Block for a first request, then gather more until full or the delay is up."""
-        first = self._queue.get()
+    def _collect(self, block: bool = True) -> tuple[list[QueuedRequest], bool]:
+        """Take a first request (waiting for one if ``block``), then gather more until
+        full or the delay is up."""
+        try:
+            first = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return [], False
         if isinstance(first, _Stop):
             return [], True
         items, rows = [first], first.rows
@@ -263,7 +327,8 @@ class Batcher:
             rows += item.rows
         return items, False
 
-    def _run(self, items: list[QueuedRequest]) -> None:
+    def _prepare(self, items: list[QueuedRequest]) -> list[tuple[list[QueuedRequest], np.ndarray]]:
+        """Drop cancelled and expired requests; stack the rest into batches."""
         now = time.monotonic()
         live = []
         for item in items:
@@ -284,31 +349,53 @@ class Batcher:
             batches = collate([item.tensor for item in live], self.max_batch_size)
         except ValueError as exc:  # submit checks rows, so this is a bug: fail, never die
             self._fail(live, exc)
-            return
-        for batch in batches:
-            self._run_batch([live[i] for i in batch.indices], batch.tensor)
+            return []
+        return [([live[i] for i in batch.indices], batch.tensor) for batch in batches]
 
-    def _run_batch(self, members: list[QueuedRequest], tensor: np.ndarray) -> None:
+    def _execute(
+        self, members: list[QueuedRequest], tensor: np.ndarray, holding_slot: bool = False
+    ) -> _Done:
+        """Run one batch; its per-request outputs, or the error that fails all of them."""
+        if not holding_slot:
+            self._slots.acquire()
         start = time.monotonic()
         try:
-            outputs = self._infer(tensor)
-            parts = uncollate(outputs, [m.rows for m in members])
+            try:
+                outputs = self._infer(tensor)
+            finally:
+                if not holding_slot:
+                    self._slots.release()
+            parts: list[Outputs] | Exception = uncollate(outputs, [m.rows for m in members])
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests only
-            self._fail(members, exc)
-            return
-        if self._observer is not None:
-            self._observer.on_batch(int(tensor.shape[0]), time.monotonic() - start)
-        for member, part in zip(members, parts, strict=True):
-            member.future.set_result(part)
+            parts = self._error(members, exc)
+        else:
+            if self._observer is not None:
+                self._observer.on_batch(int(tensor.shape[0]), time.monotonic() - start)
+        return members, parts
+
+    def _error(self, members: list[QueuedRequest], exc: Exception) -> VisionServeError:
+        if isinstance(exc, VisionServeError):
+            return exc
+        rows = sum(m.rows for m in members)
+        log.error("%s: a batch of %d rows failed", self.name, rows, exc_info=exc)
+        return BackendError(
+            f"{self.name}: inference failed for a batch of {rows} rows: {type(exc).__name__}: {exc}"
+        )
 
     def _fail(self, members: list[QueuedRequest], exc: Exception) -> None:
-        if not isinstance(exc, VisionServeError):
-            rows = sum(m.rows for m in members)
-            log.error("%s: a batch of %d rows failed", self.name, rows, exc_info=exc)
-            exc = BackendError(
-                f"{self.name}: inference failed for a batch of {rows} rows: "
-                f"{type(exc).__name__}: {exc}"
-            )
-        for member in members:
-            if not member.future.done():
-                member.future.set_exception(exc)
+        _deliver([(members, self._error(members, exc))])
+
+
+_Done = tuple[list[QueuedRequest], "list[Outputs] | Exception"]
+
+
+def _deliver(done: list[_Done]) -> None:
+    """Resolve each request's future with its outputs, or fail it with the batch's error."""
+    for members, parts in done:
+        if isinstance(parts, Exception):
+            for member in members:
+                if not member.future.done():
+                    member.future.set_exception(parts)
+        else:
+            for member, part in zip(members, parts, strict=True):
+                member.future.set_result(part)

@@ -123,19 +123,26 @@ class ServedModel:
             )
 
     # -- requests ----------------------------------------------------------------------
-    def submit(self, tensor: np.ndarray, deadline: float | None = None) -> Future:
-        """Queue an input tensor ``[rows, C, H, W]``; the future gives every output."""
-        return self._batcher.submit(tensor, deadline)
+    def submit(
+        self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
+    ) -> Future:
+        """Queue an input tensor ``[rows, C, H, W]``; the future gives every output.
+
+        ``inline=True``: the caller waits for it at once, so it may run in the caller's
+        thread when the model is idle (``Batcher.submit``).
+        """
+        return self._batcher.submit(tensor, deadline, inline=inline)
 
     def infer(self, tensor: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Run an input tensor through the batcher and wait for its outputs."""
-        return wait_for(self.submit(tensor, deadline), deadline)
+        return wait_for(self.submit(tensor, deadline, inline=True), deadline)
 
     def classify(self, images: list[np.ndarray], deadline: float | None = None) -> np.ndarray:
         """RGB images -> class probabilities, float32 [N, num_classes]."""
         self.require_task("classification", "classify")
         name = self.config.outputs["probabilities"]
-        futures = [self.submit(self.prepare(image), deadline) for image in images]
+        inline = len(images) == 1
+        futures = [self.submit(self.prepare(image), deadline, inline=inline) for image in images]
         probabilities = np.concatenate([wait_for(f, deadline)[name] for f in futures], axis=0)
         expected = (len(images), self.config.num_classes)
         if probabilities.shape != expected:
@@ -147,7 +154,8 @@ class ServedModel:
     def segment(self, images: list[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
         """RGB images -> uint8 class masks, each at its image's original height x width."""
         self.require_task("segmentation", "segment")
-        futures = [self.submit(self.prepare(image), deadline) for image in images]
+        inline = len(images) == 1
+        futures = [self.submit(self.prepare(image), deadline, inline=inline) for image in images]
         return [
             self.finish_mask(wait_for(f, deadline), image)
             for f, image in zip(futures, images, strict=True)

@@ -155,7 +155,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     ) -> pb.SegmentResponse:
         deadline = deadline_of(context)
         with self._registry.use(request.model, request.version) as model:
-            return self._end_segment(self._begin_segment(model, request, deadline), deadline)
+            job = self._begin_segment(model, request, deadline, inline=True)
+            return self._end_segment(job, deadline)
 
     def _stream_begin(self, request: pb.SegmentRequest, deadline: float | None) -> _StreamItem:
         try:
@@ -187,9 +188,14 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         )
 
     def _begin_segment(
-        self, model: ServedModel, request: pb.SegmentRequest, deadline: float | None
+        self,
+        model: ServedModel,
+        request: pb.SegmentRequest,
+        deadline: float | None,
+        inline: bool = False,
     ) -> _SegmentJob:
-        """Validate, decode, and submit to the batcher (does not wait)."""
+        """Validate, decode, and submit to the batcher (does not wait, unless ``inline``
+        lets an idle model run it in this thread: ``Batcher.submit``)."""
         model.require_task("segmentation", "Segment")
         if request.mask_format not in pb.MaskFormat.values():
             raise InvalidArgument(
@@ -205,7 +211,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                         f"ignore_index is {ignore_index}: expected 0..255 (masks are uint8)"
                     )
             truth = self._decode_truth(request.ground_truth, image.shape[:2])
-        future = model.submit(model.prepare(image), deadline)
+        future = model.submit(model.prepare(image), deadline, inline=inline)
         return _SegmentJob(model, request, image, truth, ignore_index, future)
 
     def _end_segment(self, job: _SegmentJob, deadline: float | None) -> pb.SegmentResponse:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from visionserve.clients import ClassIoU, DatasetIoU, IoUResult
+from visionserve.clients import ClassIoU, DatasetIoU, IoUResult, confusion_matrix
 
 LABELS = ["background", "circle", "square", "triangle"]
 
@@ -68,3 +68,20 @@ def test_empty_totals_are_nan() -> None:
     totals = DatasetIoU(LABELS)
     assert math.isnan(totals.mean_iou())
     assert math.isnan(totals.pixel_accuracy())
+
+
+@pytest.mark.parametrize("num_classes", [1, 4, 21, 256, 300])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (256, 256)])
+def test_confusion_matrix_equals_a_pixel_count(num_classes: int, shape: tuple[int, int]) -> None:
+    """Both histogram paths (OpenCV up to 256 classes, NumPy past) against plain counting."""
+    rng = np.random.default_rng(num_classes)
+    top = min(num_classes, 256)
+    truth = rng.integers(0, top, shape).astype(np.uint8)
+    pred = rng.integers(0, top, shape).astype(np.uint8)
+    ignore = 255 if num_classes < 256 else None  # 255 is a class of its own past 255
+    if ignore is not None:
+        truth.ravel()[::7] = ignore
+    keep = truth != ignore if ignore is not None else np.ones(shape, bool)
+    expected = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(expected, (truth[keep], pred[keep]), 1)
+    assert confusion_matrix(pred, truth, num_classes, ignore).tolist() == expected.tolist()

@@ -38,6 +38,42 @@ def test_records_survive_reopening_and_a_torn_last_line_is_dropped(tmp_path: Pat
     ]
 
 
+def test_lines_reach_the_file_at_once_and_fsyncs_are_grouped(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, SETTINGS, sync_interval=0.5).open()
+    try:
+        for i in range(200):
+            journal.append({"key": f"{i}.png"})
+        # A process killed now loses nothing: every line is already in the file.
+        assert len(Journal(path, SETTINGS).records) == 200
+        assert journal.syncs <= 3, "one fsync per 0.5 s, not one per line"
+    finally:
+        journal.close()
+    assert journal.syncs >= 2  # the header, and what close() found unsynced
+
+
+def test_sync_interval_zero_fsyncs_every_line(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.jsonl", SETTINGS, sync_interval=0) as journal:
+        for i in range(5):
+            journal.append({"key": f"{i}.png"})
+        assert journal.syncs == 6  # header + 5 lines
+    with pytest.raises(ValueError, match="sync_interval"):
+        Journal(tmp_path / "k.jsonl", SETTINGS, sync_interval=-1)
+
+
+def test_a_mask_of_another_size_than_recorded_is_not_finished(tmp_path: Path) -> None:
+    mask = tmp_path / "a.png"
+    mask.write_bytes(b"12345")
+    with Journal(tmp_path / "j.jsonl", SETTINGS) as journal:
+        journal.append({"key": "a.png", "bytes": 5})
+        journal.append({"key": "b.png", "bytes": 5})
+    journal = Journal(tmp_path / "j.jsonl", SETTINGS)
+    assert journal.finished("a.png", mask)
+    mask.write_bytes(b"")  # a crash of the machine left it empty: redo the image
+    assert not journal.finished("a.png", mask)
+    assert not journal.finished("b.png", tmp_path / "b.png")
+
+
 def test_a_journal_of_other_settings_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
     with Journal(path, SETTINGS) as journal:

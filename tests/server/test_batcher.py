@@ -235,3 +235,77 @@ def test_requests_with_too_many_rows_are_invalid() -> None:
             batcher.submit(rows(3))
     finally:
         batcher.close()
+
+
+# -- running in the caller's thread, and handing results out late -------------------------
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes which thread ran each batch."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.threads: list[str] = []
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.threads.append(threading.current_thread().name)
+        return super().__call__(batch)
+
+
+def test_an_inline_request_on_an_idle_model_runs_in_the_callers_thread() -> None:
+    model = ThreadRecorder()
+    batcher = make(model, max_queue_delay_s=0.0)
+    try:
+        future = batcher.submit(rows(1, value=2.0), inline=True)
+        assert future.done()  # ran before submit returned
+        assert future.result()["sum"].tolist() == [24.0]
+        batcher.submit(rows(1), inline=False).result(5)
+    finally:
+        batcher.close()
+    assert model.threads == [threading.current_thread().name, "batcher-m-0"]
+
+
+@pytest.mark.parametrize(
+    ("delay", "busy"), [(0.05, False), (0.0, True)], ids=["queue-delay", "model-busy"]
+)
+def test_inline_requests_queue_when_batching_is_wanted_or_the_model_is_busy(
+    delay: float, busy: bool
+) -> None:
+    model = ThreadRecorder(delay=0.1 if busy else 0.0)
+    batcher = make(model, max_queue_delay_s=delay)
+    try:
+        if busy:
+            first = batcher.submit(rows(1))  # the worker runs it for 0.1 s
+            time.sleep(0.02)
+        future = batcher.submit(rows(1, value=1.0), inline=True)
+        assert not future.done()  # queued, not run by this thread
+        assert future.result(5)["sum"].tolist() == [12.0]
+        if busy:
+            first.result(5)
+    finally:
+        batcher.close()
+    assert threading.current_thread().name not in model.threads
+
+
+def test_an_inline_failure_fails_only_that_request() -> None:
+    batcher = make(Recorder(fail_when=7.0), max_queue_delay_s=0.0)
+    try:
+        failed = batcher.submit(rows(1, value=7.0), inline=True)
+        with pytest.raises(BackendError, match="poisoned batch"):
+            failed.result(5)
+        assert batcher.submit(rows(1, value=1.0), inline=True).result(5)["sum"].tolist() == [12.0]
+    finally:
+        batcher.close()
+
+
+def test_back_to_back_batches_all_reach_their_callers() -> None:
+    """Results of a batch are handed out after the next batch is stacked: none is lost,
+    including the last one, when nothing follows it."""
+    model = Recorder(delay=0.01)
+    batcher = make(model, max_batch_size=2, max_queue_delay_s=0.0)
+    try:
+        futures = [batcher.submit(rows(1, value=float(v))) for v in range(9)]
+        results = [f.result(5)["sum"].tolist() for f in futures]
+    finally:
+        batcher.close()
+    assert results == [[v * 12.0] for v in range(9)]
+    assert sum(model.calls) == 9 and max(model.calls) <= 2

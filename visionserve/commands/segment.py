@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overlays", action="store_true", help="also write colour overlays")
     parser.add_argument(
+        "--server-iou",
+        action="store_true",
+        help="also send the ground truth to the server and check its per-image IoU counts "
+        "against the client's (costs the server a decode and a scoring per image)",
+    )
+    parser.add_argument(
         "--streams", type=_positive, default=4, help="parallel SegmentStream calls (default 4)"
     )
     parser.add_argument(
@@ -173,6 +179,7 @@ async def _run(args: argparse.Namespace, root: Path, images: list[Path]) -> int:
             num_classes=len(info.labels),
             ignore_index=ignore,
             send_ignore_index=args.ignore_index is not None,
+            server_iou=args.server_iou,
             streams=args.streams,
             window=args.window,
             timeout=args.timeout,
