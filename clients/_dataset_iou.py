@@ -10,53 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from visionserve.clients._types import IoUResult
-
-
-def confusion_matrix(
-    pred: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int | None = 255
-) -> np.ndarray:
-    """int64 [num_classes, num_classes]: rows are true classes, columns predicted ones.
-
-    Pixels whose truth equals ``ignore_index`` are left out.
-    """
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in size")
-    n = num_classes
-    if pred.size and int(pred.max()) >= n:
-        raise ValueError(
-            f"predicted class {int(pred.max())} in a {n}-class confusion matrix: expected 0..{n - 1}"
-        )
-    # One histogram over truth * n + pred (uint8 inputs: every value lands in 256 * n bins),
-    # then the ignore row dropped and anything else past n * n reported.
-    counts = _histogram(truth, pred, n)
-    if ignore_index is not None and 0 <= ignore_index < 256:
-        counts[ignore_index * n : (ignore_index + 1) * n] = 0
-    if counts[n * n :].any():
-        bad = int(np.flatnonzero(counts[n * n :])[-1]) // n + n
-        raise ValueError(
-            f"ground-truth class values up to {bad} in a {n}-class confusion matrix: "
-            f"expected 0..{n - 1} or the ignore index {ignore_index}"
-        )
-    return counts[: n * n].reshape(n, n).astype(np.int64)
-
-
-# OpenCV's histogram counts in float32: exact up to 2**24 pixels in one bin.
-_CV_HIST_MAX_PIXELS = 1 << 24
-
-
-def _histogram(truth: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
-    """int64 [256 * n] counts of ``truth * n + pred`` (uint8 inputs)."""
-    if n <= 256 and 0 < truth.size < _CV_HIST_MAX_PIXELS:  # 3x faster than np.bincount
-        index = truth.astype(np.uint16)
-        index *= n
-        index += pred
-        hist = cv2.calcHist([index.reshape(index.shape[0], -1)], [0], None, [256 * n], [0, 256 * n])
-        return hist.ravel().astype(np.int64)
-    return np.bincount((truth.astype(np.intp) * n + pred).ravel(), minlength=max(256, n) * n)
+# One implementation for server and client (re-exported by visionserve.clients).
+from visionserve.server.iou import confusion_matrix  # noqa: F401
 
 
 def iou_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from visionserve.server.errors import InvalidArgument
@@ -44,6 +45,8 @@ def confusion_matrix(
         raise InvalidArgument(
             f"ground truth is {_hw(truth)} but the prediction is {_hw(pred)}: they must be the same size"
         )
+    if pred.dtype == truth.dtype == np.uint8 and num_classes <= 256 and 0 < truth.size < _CV_HIST_MAX_PIXELS:
+        return _confusion_uint8(pred, truth, num_classes, ignore_index)
     truth = truth.reshape(-1).astype(np.int64, copy=False)
     pred = pred.reshape(-1).astype(np.int64, copy=False)
     if ignore_index is not None:
@@ -53,6 +56,28 @@ def confusion_matrix(
     _check_range(pred, num_classes, None, "prediction")
     counts = np.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).astype(np.int64, copy=False)
+
+
+# OpenCV's histogram counts in float32: exact up to 2**24 pixels in one bin.
+_CV_HIST_MAX_PIXELS = 1 << 24
+
+
+def _confusion_uint8(pred: np.ndarray, truth: np.ndarray, n: int, ignore_index: int | None) -> np.ndarray:
+    """``confusion_matrix`` for uint8 masks: one OpenCV histogram of ``truth * n + pred``
+    over 256 * n bins (several times faster than int64 conversion + np.bincount)."""
+    if int(pred.max()) >= n:
+        _check_range(pred.reshape(-1), n, None, "prediction")
+    index = truth.astype(np.uint16)
+    index *= n
+    index += pred
+    hist = cv2.calcHist([index.reshape(index.shape[0], -1)], [0], None, [256 * n], [0, 256 * n])
+    counts = hist.ravel().astype(np.int64)
+    if ignore_index is not None and 0 <= ignore_index < 256:
+        counts[ignore_index * n : (ignore_index + 1) * n] = 0
+    bad_rows = counts[n * n :].reshape(-1, n).any(axis=1)
+    if bad_rows.any():
+        _check_range(np.flatnonzero(bad_rows) + n, n, ignore_index, "ground truth")
+    return counts[: n * n].reshape(n, n)
 
 
 def iou_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
