@@ -13,6 +13,8 @@ import logging
 import re
 from pathlib import Path
 
+from visionserve.commands._args import existing_dir, positive_int
+
 NAME = "build"
 HELP = "Build a TensorRT engine (and an FP16 ONNX) for a model in a repository"
 
@@ -27,26 +29,12 @@ def _capability(value: str) -> str:
     return value
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
-
-
-def _directory(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"model repository {value!r} is not a directory")
-    return path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--repository", required=True, type=_directory, help="model repository directory"
+        "--repository", required=True, type=existing_dir, help="model repository directory"
     )
     parser.add_argument("--model", required=True, help="model name (a folder of the repository)")
-    parser.add_argument("--version", type=_positive, help="model version (default: the latest)")
+    parser.add_argument("--version", type=positive_int, help="model version (default: the latest)")
     parser.add_argument(
         "--precision",
         choices=("fp32", "fp16"),
@@ -60,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GPU, else 8.6); full TensorRT always builds for the local GPU",
     )
     parser.add_argument(
-        "--workspace", type=_positive, metavar="MB", help="builder workspace limit in MiB"
+        "--workspace", type=positive_int, metavar="MB", help="builder workspace limit in MiB"
     )
     parser.add_argument(
         "--timing-cache",
@@ -76,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--samples",
-        type=_positive,
+        type=positive_int,
         default=200,
         help="generated images for the FP16 and engine validations (default 200)",
     )

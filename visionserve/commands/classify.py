@@ -21,7 +21,8 @@ from tqdm import tqdm
 from visionserve.clients import AsyncVisionClient, ClassifyResult, VisionServeError
 from visionserve.clients._files import relative_key, resolve_inputs, write_atomic
 from visionserve.clients._html import render_classify_html
-from visionserve.commands.segment import _positive, client_options
+from visionserve.commands._args import positive_int
+from visionserve.commands.segment import client_options
 
 NAME = "classify"
 HELP = "Classify a folder of images through a server; CSV of top-k labels"
@@ -33,12 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name in the server's repository")
     parser.add_argument("--version", default="", help="model version (default: the latest)")
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
-    parser.add_argument("--top-k", type=_positive, default=3, help="labels per image (default: 3)")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="labels per image (default: 3)")
     parser.add_argument(
         "--labels", type=Path, help="CSV image,label of true labels: accuracy + confusion report"
     )
     parser.add_argument(
-        "--concurrency", type=_positive, default=16, help="requests in flight (default: 16)"
+        "--concurrency", type=positive_int, default=16, help="requests in flight (default: 16)"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")

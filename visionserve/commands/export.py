@@ -11,16 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from visionserve.commands._args import existing_file
+
 NAME = "export"
 HELP = "Export a checkpoint to ONNX, audit it for TensorRT, validate it and write a model repository entry"
 _DEFAULT_BACKENDS = "tensorrt,onnxruntime-cuda,onnxruntime-cpu"
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text} is not a file")
-    return path
 
 
 def _share(text: str) -> float:
@@ -38,10 +33,10 @@ def _non_negative(text: str) -> float:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=_existing_file, required=True,
+    parser.add_argument("--checkpoint", type=existing_file, required=True,
                         help="weights: a state_dict .pth/.pt (loaded weights_only), .safetensors, or a "
                              "torch.export program .pt2 (architectures outside the zoo)")
-    parser.add_argument("--metadata", type=_existing_file, default=None,
+    parser.add_argument("--metadata", type=existing_file, default=None,
                         help="model.json describing the checkpoint: architecture, task, labels, input "
                              "(default: model.json beside the checkpoint)")
     parser.add_argument("--repository", type=Path, required=True, help="model repository directory")

@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from visionserve.commands._args import positive_int
+
 NAME = "generate"
 HELP = "Generate the synthetic shapes data set (images, masks, labels)"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output data set directory")
-    parser.add_argument("--count", type=_positive, default=3000,
+    parser.add_argument("--count", type=positive_int, default=3000,
                         help="number of images (default: 3000, what the training defaults were tuned on)")
     parser.add_argument("--size", type=int, default=96, help="image height and width in pixels (default: 96)")
     parser.add_argument("--seed", type=int, default=0,

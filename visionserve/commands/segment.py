@@ -24,6 +24,7 @@ from visionserve.clients._files import match_ground_truth, output_path, relative
 from visionserve.clients._html import render_html
 from visionserve.clients._journal import JOURNAL_NAME, Journal, JournalMismatch
 from visionserve.clients._report import build_report, dataset_iou, write_report
+from visionserve.commands._args import existing_dir, positive_int
 
 NAME = "segment"
 HELP = "Segment a folder of images through a server; masks + IoU report"
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="output folder (masks/, overlays/, report.*)"
     )
     parser.add_argument(
-        "--gt", type=_folder, help="folder of ground-truth index masks, matched by stem"
+        "--gt", type=existing_dir, help="folder of ground-truth index masks, matched by stem"
     )
     parser.add_argument(
         "--ignore-index",
@@ -57,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "against the client's (costs the server a decode and a scoring per image)",
     )
     parser.add_argument(
-        "--streams", type=_positive, default=4, help="parallel SegmentStream calls (default 4)"
+        "--streams", type=positive_int, default=4, help="parallel SegmentStream calls (default 4)"
     )
     parser.add_argument(
-        "--window", type=_positive, default=16, help="requests in flight per stream (default 16)"
+        "--window", type=positive_int, default=16, help="requests in flight per stream (default 16)"
     )
     parser.add_argument(
-        "--threads", type=_positive, default=2, help="threads for file I/O and PNG work (default 2)"
+        "--threads", type=positive_int, default=2, help="threads for file I/O and PNG work (default 2)"
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="per-request deadline, seconds (default 60)"
@@ -86,20 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--key", type=Path, help="client private key PEM (mutual TLS)")
     security.add_argument("--token", help="bearer token (or env VISIONSERVE_TOKEN)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _folder(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is not a folder")
-    return path
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return number
 
 
 def _ignore_index(value: str) -> int:

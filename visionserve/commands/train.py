@@ -6,21 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from visionserve.commands._args import existing_dir
+
 NAME = "train"
 HELP = "Train the demo ResNet classifier or UNet segmenter on a data set"
 
 
-def _existing_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not a directory (expected a data set directory)")
-    return path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("classification", "segmentation"), required=True)
-    parser.add_argument("--data", type=_existing_dir, required=True, help="training data set directory")
-    parser.add_argument("--val", type=_existing_dir, required=True,
+    parser.add_argument("--data", type=existing_dir, required=True, help="training data set directory")
+    parser.add_argument("--val", type=existing_dir, required=True,
                         help="held-out data set directory (evaluated after every epoch)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory (model.pth + model.json)")
     parser.add_argument("--epochs", type=int, default=None,
