@@ -88,7 +88,6 @@ def write_bench_repository(
 ) -> str:
     sys.path.insert(0, str(ROOT / "tests/models"))
     import make_models
-
     from visionserve.server.model_config import InputSpec
 
     spec = InputSpec(
@@ -125,32 +124,58 @@ def write_images(folder: Path, count: int, size: int, classes: int) -> tuple[Pat
     return images, gts
 
 
+def threads_for(instances: int, threads: int) -> int:
+    """ONNX Runtime threads per instance: ``--threads``, or the cores shared out."""
+    return threads or max(1, (os.cpu_count() or 1) // instances)
+
+
 def bare_capacity(
-    repo: Path, model: str, threads: int, batch_sizes: list[int], seconds: float
-) -> dict[int, float]:
-    """images/s of backend.infer on preprocessed batches, per batch size."""
-    from visionserve.server.preprocess import preprocess_batch
+    repo: Path, model: str, args: argparse.Namespace, batch_sizes: list[int]
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """(images/s, CPU-s/img) of backend.infer on preprocessed batches per (instances,
+    batch size): ``instances`` threads calling one backend at once, as the server's
+    batcher instances do. At the tensor shape the server gives the bench's images
+    (``input.mode``: the model's input size, or the image's shape bucket)."""
+    from visionserve.server.preprocess import layout, preprocess_batch
     from visionserve.server.repository import ModelRepository
     from visionserve.server.served_model import load_backend
 
     entry = ModelRepository(repo).entry(model)
-    backend = load_backend(entry, threads)
     spec = entry.config.input
-    image = np.random.default_rng(2).integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)
+    height, width = layout(args.image_size, args.image_size, spec).tensor
+    image = np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)
     rates = {}
-    try:
-        for batch in batch_sizes:
-            feeds = {spec.name: preprocess_batch([image] * batch, spec)}
-            backend.infer(feeds)  # warm-up
-            done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-            while time.perf_counter() - t0 < seconds:
-                backend.infer(feeds)
-                done += batch
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            rates[batch] = (done / wall, cpu / done)
-    finally:
-        backend.close()
+    for instances in args.instance_counts:
+        backend = load_backend(entry, threads_for(instances, args.threads))
+        try:
+            for batch in batch_sizes:
+                feeds = {spec.name: preprocess_batch([image] * batch, spec)}
+                rates[instances, batch] = _run_bare(backend, feeds, instances, args.seconds)
+        finally:
+            backend.close()
     return rates
+
+
+def _run_bare(backend, feeds: dict, instances: int, seconds: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    import threading
+
+    backend.infer(feeds)  # warm-up
+    rows = next(iter(feeds.values())).shape[0]
+    done = [0] * instances
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - t0 < seconds:
+            backend.infer(feeds)
+            done[i] += rows
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return sum(done) / wall, cpu / sum(done)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -185,12 +210,19 @@ def cli_rate(
     images: Path,
     gts: Path,
     out: Path,
-    threads: int,
-    cli_args: list[str],
-    repeats: int = 1,
+    args: argparse.Namespace,
+    config: tuple[int, int] | None,
 ) -> list[CliRun]:
-    """``repeats`` runs of ``visionserve segment`` (fresh output folders) against one
-    server subprocess."""
+    """``args.repeats`` runs of ``visionserve segment`` (fresh output folders) against one
+    server subprocess, configured as bare's best ``config`` (instances, max batch size),
+    as served_vs_bare.py does (None: model.yaml's batching, the default threads)."""
+    serve_args = ["--intra-op-threads", str(args.threads)]
+    if config is not None:
+        instances, batch = config
+        serve_args = [
+            *("--instances", str(instances), "--max-batch-size", str(batch)),
+            *("--intra-op-threads", str(threads_for(instances, args.threads))),
+        ]
     port = free_port()
     server = subprocess.Popen(
         [
@@ -204,8 +236,7 @@ def cli_rate(
             str(repo),
             "--port",
             str(port),
-            "--intra-op-threads",
-            str(threads),
+            *serve_args,
         ],
         stdout=subprocess.PIPE,
     )
@@ -213,10 +244,10 @@ def cli_rate(
         if b"serving on" not in server.stdout.readline():
             raise RuntimeError("the server did not start")
         command = ["segment", str(images), "--server", f"127.0.0.1:{port}", "--model", model]
-        command += ["--gt", str(gts), "--no-progress", *cli_args]
+        command += ["--gt", str(gts), "--no-progress", *args.cli_args]
         return [
             one_cli_run(server.pid, command + ["--out", str(out / f"run{i}")], images)
-            for i in range(repeats)
+            for i in range(args.repeats)
         ]
     finally:
         server.terminate()
@@ -274,6 +305,19 @@ def main() -> None:
         help="CLI runs against the same server, the best kept (default 2)",
     )
     parser.add_argument(
+        "--instances",
+        dest="instance_counts",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1, 2],
+        help="batcher instances tried, bare and served (default 1,2; threads: cores / instances)",
+    )
+    parser.add_argument(
+        "--model-batch",
+        dest="match_batch",
+        action="store_false",
+        help="serve with model.yaml's max_batch_size (default: bare's best batch size)",
+    )
+    parser.add_argument(
         "cli_args", nargs="*", help="extra `visionserve segment` options (after --)"
     )
     args = parser.parse_args()
@@ -291,35 +335,47 @@ def main() -> None:
             parser.error("--model is required with --repository")
         else:
             repo, model = args.repository, args.model
+        from visionserve.server.preprocess import layout
         from visionserve.server.repository import ModelRepository
 
-        classes = len(ModelRepository(repo).entry(model).config.labels)
+        config = ModelRepository(repo).entry(model).config
+        classes = len(config.labels)
+        tensor_hw = layout(args.image_size, args.image_size, config.input).tensor
         images, gts = write_images(work / "data", args.images, args.image_size, classes)
         # On a shared machine load comes and goes: bare capacity is measured before and
         # after the CLI run and the better figures kept (the ratios err on the low side).
-        before = bare_capacity(repo, model, args.threads, batches, args.seconds)
-        runs = cli_rate(
-            repo, model, images, gts, work / "out", args.threads, args.cli_args, args.repeats
-        )
-        after = bare_capacity(repo, model, args.threads, batches, args.seconds)
-    print_figures(model, args, before, after, runs)
+        before = bare_capacity(repo, model, args, batches)
+        best = max(before, key=lambda k: before[k][0]) if args.match_batch else None
+        runs = cli_rate(repo, model, images, gts, work / "out", args, best)
+        after = bare_capacity(repo, model, args, batches)
+    print_figures(model, args, before, after, runs, tensor_hw)
 
 
 def print_figures(
-    model: str, args: argparse.Namespace, before: dict, after: dict, runs: list[CliRun]
+    model: str,
+    args: argparse.Namespace,
+    before: dict,
+    after: dict,
+    runs: list[CliRun],
+    tensor_hw: tuple[int, int],
 ) -> None:
     """Bare capacity per batch size, the CLI's figures, and the ratios."""
     batches = list(before)
     rates = {b: (max(before[b][0], after[b][0]), min(before[b][1], after[b][1])) for b in batches}
     best = max(rates, key=lambda b: rates[b][0])
     print(
-        f"model {model}: {args.images} images of {args.image_size}x{args.image_size}, {os.cpu_count()} CPUs"
+        f"model {model}: {args.images} images of {args.image_size}x{args.image_size}, {os.cpu_count()} CPUs; "
+        f"the model runs at {tensor_hw[0]}x{tensor_hw[1]}"
     )
-    for batch, (r, cpu) in rates.items():
-        print(f"  bare backend, batch {batch:>3}: {r:8.1f} img/s  {cpu * 1e3:7.2f} CPU-ms/img")
+    for (instances, batch), (r, cpu) in rates.items():
+        print(
+            f"  bare backend, {instances} instance(s) x {threads_for(instances, args.threads)} "
+            f"thread(s), batch {batch:>3}: {r:8.1f} img/s  {cpu * 1e3:7.2f} CPU-ms/img"
+        )
     bare_rate, bare_cpu = rates[best]
     print(
-        f"bare capacity (batch {best}):   {bare_rate:8.1f} img/s  {bare_cpu * 1e3:7.2f} CPU-ms/img"
+        f"bare capacity ({best[0]} instance(s), batch {best[1]}): {bare_rate:8.1f} img/s  "
+        f"{bare_cpu * 1e3:7.2f} CPU-ms/img; the server runs with the best before the CLI runs"
     )
     for i, run in enumerate(runs, start=1):
         print(

@@ -315,8 +315,11 @@ def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
         name=name,
         task=task,
         labels=tuple(metadata["labels"]),
+        # Segmenters take any H, W: served at the image's own resolution, padded to
+        # shape buckets (the buckets default to a ladder over the profile).
         input=InputSpec(name=INPUT_NAME, height=height, width=width,
-                        mean=tuple(spec["mean"]), std=tuple(spec["std"])),
+                        mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+                        mode="pad" if task == "segmentation" else "resize"),
         outputs={n: n for n in (outputs or output_names(task))},
         profile=profile,
         max_batch_size=max_batch_size,

@@ -43,6 +43,24 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Beh
     return handler
 
 
+class _PerMethod:
+    """Wrapped handlers cached per method: gRPC asks the interceptors for every call,
+    and the server hands them the same handler object for a method each time, so the
+    wrapping (new closures and a new handler) is done once per method, not per call."""
+
+    def __init__(self, wrap: Callable[[str, Behavior, bool], Behavior]) -> None:
+        self._wrap = wrap
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _rewrap(handler, lambda behavior, streams: self._wrap(method, behavior, streams))
+        self._cache[method] = (handler, wrapped)  # a benign race: both copies are equal
+        return wrapped
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` metadata; health checks are exempt.
 
@@ -89,20 +107,33 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._handlers = _PerMethod(self._observe)
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith((HEALTH_PREFIX, REFLECTION_PREFIX)):
             return handler
-        return _rewrap(handler, lambda behavior, streams: self._observe(method, behavior, streams))
+        return self._handlers.get(method, handler)
 
     def _observe(self, method: str, behavior: Behavior, streams: bool) -> Behavior:
+        # The metric children of this method, looked up once (labels() takes a lock).
+        requests = self._metrics.requests.labels(method)
+        in_flight = self._metrics.in_flight.labels(method)
+        latency = self._metrics.latency.labels(method)
+
+        def finish(start: float, code: grpc.StatusCode) -> None:
+            seconds = time.perf_counter() - start
+            in_flight.dec()
+            latency.observe(seconds)
+            self._log(method, seconds, code)
+
         if streams:
 
             def observed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = self._start(method)
-                code = grpc.StatusCode.OK
+                requests.inc()
+                in_flight.inc()
+                start, code = time.perf_counter(), grpc.StatusCode.OK
                 try:
                     yield from behavior(request, context)
                     code = context.code() or grpc.StatusCode.OK
@@ -110,13 +141,14 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.CANCELLED
                     raise
                 finally:
-                    self._finish(method, start, code)
+                    finish(start, code)
 
             return observed_stream
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            start = self._start(method)
-            code = grpc.StatusCode.OK
+            requests.inc()
+            in_flight.inc()
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 response = behavior(request, context)
                 code = context.code() or grpc.StatusCode.OK
@@ -125,27 +157,32 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.INTERNAL
                 raise
             finally:
-                self._finish(method, start, code)
+                finish(start, code)
 
         return observed
 
-    def _start(self, method: str) -> float:
-        self._metrics.requests.labels(method).inc()
-        self._metrics.in_flight.labels(method).inc()
-        return time.perf_counter()
+    def _log(self, method: str, seconds: float, code: grpc.StatusCode) -> None:
+        if code == grpc.StatusCode.OK:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "rpc %s OK after %.1f ms",
+                    method,
+                    seconds * 1e3,
+                    extra=_fields(method, code, seconds),
+                )
+            return
+        self._metrics.failures.labels(method, code.name).inc()
+        log.info(
+            "rpc %s failed: %s after %.1f ms",
+            method,
+            code.name,
+            seconds * 1e3,
+            extra=_fields(method, code, seconds),
+        )
 
-    def _finish(self, method: str, start: float, code: grpc.StatusCode) -> None:
-        seconds = time.perf_counter() - start
-        self._metrics.in_flight.labels(method).dec()
-        self._metrics.latency.labels(method).observe(seconds)
-        fields = {"method": method, "code": code.name, "duration_ms": round(seconds * 1e3, 3)}
-        if code != grpc.StatusCode.OK:
-            self._metrics.failures.labels(method, code.name).inc()
-            log.info(
-                "rpc %s failed: %s after %.1f ms", method, code.name, seconds * 1e3, extra=fields
-            )
-        else:
-            log.debug("rpc %s OK after %.1f ms", method, seconds * 1e3, extra=fields)
+
+def _fields(method: str, code: grpc.StatusCode, seconds: float) -> dict[str, Any]:
+    return {"method": method, "code": code.name, "duration_ms": round(seconds * 1e3, 3)}
 
 
 class DrainInterceptor(grpc.ServerInterceptor):
@@ -160,6 +197,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         self._in_flight = 0
         self._draining = False
         self._idle = threading.Condition()
+        self._handlers = _PerMethod(self._track)
 
     def drain(self, timeout: float | None) -> bool:
         """Refuse new RPCs; wait up to ``timeout`` for those in flight. True when idle."""
@@ -172,7 +210,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith((HEALTH_PREFIX, REFLECTION_PREFIX)):
             return handler
-        return _rewrap(handler, lambda behavior, streams: self._track(method, behavior, streams))
+        return self._handlers.get(method, handler)
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
         with self._idle:

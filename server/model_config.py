@@ -7,7 +7,7 @@ messages that say how to fix the file.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,43 @@ class ShapeProfile:
                 )
 
 
+INPUT_MODES = ("resize", "pad")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """The image tensor the model takes: NCHW float32, RGB, (pixel/255 - mean) / std."""
+    """The image tensor the model takes: NCHW float32, RGB, (pixel/255 - mean) / std.
+
+    ``mode`` says how an image of any size becomes that tensor on the visionserve.v1 path:
+
+    - ``resize``: resized to ``height`` x ``width`` (fixed-size models, classifiers);
+    - ``pad``: kept at its own resolution and padded (edge pixels repeated) up to a
+      shape bucket: height and width each round up to the next of ``buckets``, so
+      images of nearby sizes share a tensor shape and batch together; the mask is
+      cropped back. An image larger than the largest bucket is first scaled down (aspect
+      kept) to fit it. For segmenters with a dynamic H, W (``profile.height/width``).
+    """
 
     name: str = "image"
     height: int = 96
     width: int = 96
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mode: str = "resize"
+    buckets: tuple[int, ...] = ()  # pad mode: bucket sides in pixels (default: from the profile)
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(
                 f"input.height and input.width must be positive, got {self.height}x{self.width}"
+            )
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"input.mode must be one of {INPUT_MODES}, got {self.mode!r}")
+        buckets = tuple(int(b) for b in self.buckets)
+        object.__setattr__(self, "buckets", buckets)
+        if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
+            raise ValueError(
+                f"input.buckets must be positive sides in increasing order, got {list(buckets)}"
             )
         for key in ("mean", "std"):
             value = tuple(float(v) for v in getattr(self, key))
@@ -60,6 +83,19 @@ class InputSpec:
                 raise ValueError(f"input.{key} needs 3 values (R, G, B), got {list(value)}")
         if any(s <= 0 or not math.isfinite(s) for s in self.std):
             raise ValueError(f"input.std values must be positive, got {list(self.std)}")
+
+
+def bucket_ladder(low: int, high: int) -> tuple[int, ...]:
+    """Bucket sides from ``low`` to ``high``: ``low``, then 2^k and 1.5 * 2^k, then ``high``
+    (so an image is padded by at most half its side, and usually much less)."""
+    if not 1 <= low <= high:
+        raise ValueError(f"bucket_ladder needs 1 <= low <= high, got {low}, {high}")
+    sides = {low, high}
+    power = 1
+    while power <= high:
+        sides.update(s for s in (power, power * 3 // 2) if low <= s <= high)
+        power *= 2
+    return tuple(sorted(sides))
 
 
 @dataclass(frozen=True)
@@ -79,6 +115,8 @@ class ModelConfig:
     instances: int = 1
     max_queue_size: int = 128
     backends: tuple[str, ...] = ("onnxruntime-cpu",)
+    # CUDA device index for the GPU backends (tensorrt, onnxruntime-cuda).
+    device: int = 0
     ignore_index: int = 255
 
     def __post_init__(self) -> None:
@@ -110,8 +148,33 @@ class ModelConfig:
             raise ValueError(
                 f"backends must be a non-empty list from {KNOWN_BACKENDS}, got {list(self.backends)}"
             )
+        if self.device < 0:
+            raise ValueError(f"device must be >= 0 (a CUDA device index), got {self.device}")
+        self._check_buckets()
         if not 0 <= self.ignore_index <= 255:
             raise ValueError(f"ignore_index must be in 0..255, got {self.ignore_index}")
+
+    def _check_buckets(self) -> None:
+        """Pad mode needs a dynamic H, W; buckets default to a ladder over the profile."""
+        spec, profile = self.input, self.profile
+        if spec.mode != "pad":
+            return
+        if profile.height is None or profile.width is None:
+            raise ValueError(
+                "input.mode 'pad' needs a model with a dynamic height and width "
+                "(profile.height and profile.width); use input.mode 'resize'"
+            )
+        low = max(profile.height[0], profile.width[0])
+        high = min(profile.height[2], profile.width[2])
+        if not spec.buckets:
+            object.__setattr__(self, "input", replace(spec, buckets=bucket_ladder(low, high)))
+            return
+        outside = [b for b in spec.buckets if not low <= b <= high]
+        if outside:
+            raise ValueError(
+                f"input.buckets {outside} lie outside the profile's height and width range "
+                f"{low}..{high}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -133,6 +196,7 @@ class ModelConfig:
         data["backends"] = list(self.backends)
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
+        data["input"]["buckets"] = list(self.input.buckets)
         data["profile"] = {
             k: (list(v) if v is not None else None) for k, v in data["profile"].items()
         }

@@ -31,3 +31,13 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     if mask.shape == (height, width):
         return mask
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def mask_to_image(
+    mask: np.ndarray, content: tuple[int, int], height: int, width: int
+) -> np.ndarray:
+    """A tensor-sized mask -> the image's mask: crop the padding (keep the top-left
+    ``content`` region), then resize to ``height`` x ``width`` (nearest neighbour)."""
+    if mask.ndim != 2 or mask.shape[0] < content[0] or mask.shape[1] < content[1]:
+        raise ValueError(f"mask of shape {mask.shape} does not hold the content {content}")
+    return np.ascontiguousarray(resize_mask(mask[: content[0], : content[1]], height, width))

@@ -21,8 +21,8 @@ from visionserve.server.backends.base import Backend
 from visionserve.server.batcher import Batcher, BatchObserver
 from visionserve.server.errors import BackendError, DeadlineExceeded, InvalidArgument
 from visionserve.server.model_config import ModelConfig
-from visionserve.server.postprocess import resize_mask
-from visionserve.server.preprocess import preprocess
+from visionserve.server.postprocess import mask_to_image
+from visionserve.server.preprocess import layout, preprocess
 from visionserve.server.repository import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,12 @@ def _onnxruntime(name: str) -> Callable[[ModelEntry, int], Backend]:
     def factory(entry: ModelEntry, intra_op_threads: int) -> Backend:
         from visionserve.server.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(entry.onnx_path, name=name, intra_op_threads=intra_op_threads)
+        return OnnxRuntimeBackend(
+            entry.onnx_path,
+            name=name,
+            intra_op_threads=intra_op_threads,
+            device=entry.config.device,
+        )
 
     return factory
 
@@ -42,7 +47,7 @@ def _tensorrt(entry: ModelEntry, intra_op_threads: int) -> Backend:
         from visionserve.server.backends.tensorrt import TensorRTBackend  # type: ignore[import-not-found]
     except ImportError as exc:
         raise RuntimeError(f"the TensorRT backend is not available here ({exc})") from exc
-    return TensorRTBackend(entry.directory)
+    return TensorRTBackend(entry.directory, device=entry.config.device)
 
 
 # backend name (model.yaml `backends`) -> factory(entry, intra_op_threads)
@@ -166,30 +171,39 @@ class ServedModel:
         return preprocess(image, self.config.input)[None]
 
     def finish_mask(self, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
-        """One request's outputs -> its uint8 mask at ``image``'s size (checked)."""
-        spec = self.config.input
+        """One request's outputs -> its uint8 mask at ``image``'s size (checked).
+
+        The mask is cropped to where ``prepare`` put the image (pad mode) and resized
+        back to the image's height x width.
+        """
+        plan = layout(image.shape[0], image.shape[1], self.config.input)
         out = outputs[self.config.outputs["mask"]]
         if out.ndim == 4 and out.shape[1] == 1:
             out = out[:, 0]
-        if out.shape != (1, spec.height, spec.width):
+        if out.shape != (1, *plan.tensor):
             raise BackendError(
                 f"{self.name}: model returned a mask of shape {out.shape}, "
-                f"expected {(1, spec.height, spec.width)}"
+                f"expected {(1, *plan.tensor)}"
             )
         if out.size and (out.min() < 0 or out.max() >= self.config.num_classes):
             raise BackendError(
                 f"{self.name}: model returned class values {int(out.min())}..{int(out.max())}, "
                 f"expected 0..{self.config.num_classes - 1}"
             )
-        return resize_mask(out[0].astype(np.uint8, copy=False), image.shape[0], image.shape[1])
+        mask = out[0].astype(np.uint8, copy=False)
+        return mask_to_image(mask, plan.content, image.shape[0], image.shape[1])
 
     # -- lifecycle -----------------------------------------------------------------------
     def warmup(self) -> None:
-        """Run batch 1 and ``max_batch_size`` on the backend, then one request end to end."""
-        image = np.full((self.config.input.height, self.config.input.width, 3), 128, np.uint8)
+        """Run batch 1 and ``max_batch_size`` on the backend (and batch 1 at each square
+        shape bucket in pad mode), then one request end to end."""
+        spec = self.config.input
+        image = np.full((spec.height, spec.width, 3), 128, np.uint8)
         tensor = self.prepare(image)
         for rows in sorted({1, self.config.max_batch_size}):
             self._infer_batch(np.repeat(tensor, rows, axis=0))
+        for side in spec.buckets if spec.mode == "pad" else ():
+            self._infer_batch(self.prepare(np.full((side, side, 3), 128, np.uint8)))
         if self.task == "classification":
             self.classify([image])
         else:
