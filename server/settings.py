@@ -50,7 +50,8 @@ class ServerSettings:
 
     ``port`` 0 asks the OS for a free port (the bound port is logged and returned by
     ``create_server``). ``max_decoded_pixels`` bounds height*width of any decoded image
-    or mask (decompression bombs). ``intra_op_threads`` 0 lets ONNX Runtime decide.
+    or mask (decompression bombs). ``intra_op_threads`` 0: the usable cores divided by
+    the model's instances.
     ``max_concurrent_rpcs`` 0 means unbounded; past it gRPC answers RESOURCE_EXHAUSTED.
 
     ``max_batch_size``, ``max_queue_delay_ms``, ``instances``, ``max_queue_size``: when
@@ -109,7 +110,7 @@ class ServerSettings:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.intra_op_threads < 0:
             raise ValueError(
-                f"intra_op_threads must be >= 0 (0 = ONNX Runtime decides), got {self.intra_op_threads}"
+                f"intra_op_threads must be >= 0 (0 = the cores divided by the model's instances), got {self.intra_op_threads}"
             )
         if self.max_concurrent_rpcs < 0:
             raise ValueError(

@@ -146,6 +146,11 @@ class OnnxRuntimeBackend:
         return self._device
 
     @property
+    def intra_op_threads(self) -> int:
+        """The threads ONNX Runtime was given (0: its own default)."""
+        return int(self._session.get_session_options().intra_op_num_threads)
+
+    @property
     def io_binding(self) -> bool:
         """Whether ``infer`` runs through IO binding."""
         return self._io_binding

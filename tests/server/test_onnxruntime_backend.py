@@ -205,3 +205,19 @@ def test_cuda_with_io_binding_matches_cpu(model_paths: dict[str, Path], kind: st
     finally:
         gpu.close()
         cpu.close()
+
+
+@pytest.mark.parametrize("instances", [1, 2, 64])
+def test_unset_threads_share_the_cores_out_among_the_instances(
+    tmp_path: Path, instances: int
+) -> None:
+    from visionserve.server.repository import ModelRepository
+    from visionserve.server.served_model import auto_threads, load_backend
+
+    make_models.write_entry(tmp_path, "seg", "segmentation", instances=instances)
+    entry = ModelRepository(tmp_path).entry("seg")
+    cores = len(os.sched_getaffinity(0))
+    assert auto_threads(instances) == max(1, cores // instances)
+    backend = load_backend(entry, 0)
+    assert backend.intra_op_threads == max(1, cores // instances)
+    assert load_backend(entry, 3).intra_op_threads == 3  # set explicitly: kept

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-pixels", type=int, help="largest decoded image, height*width (default 40,000,000)"
     )
     parser.add_argument(
-        "--intra-op-threads", type=int, help="ONNX Runtime threads per model (default 0 = auto)"
+        "--intra-op-threads", type=int, help="ONNX Runtime threads per model instance (default 0 = the usable cores divided by the model's instances)"
     )
     parser.add_argument(
         "--grace", type=float, help="seconds to drain in-flight requests on shutdown (default 10)"
