@@ -120,10 +120,14 @@ def write_atomic(path: Path, data: bytes) -> None:
 
     The temporary name is unique per process and thread (no random names to draw, no
     ``O_EXCL`` retries); ``os.open``'s mode 0o666 gets the umask applied, as for any file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:  # the folder's first file: create it (not per file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
         try:
             view = memoryview(data)
             while view:

@@ -167,7 +167,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size")
+    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size", "input_mode", "buckets")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,8 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MODE_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -188,4 +190,6 @@ class ModelInfo(_message.Message):
     backend: str
     ignore_index: int
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    input_mode: str
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., input_mode: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -246,6 +246,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             backend=model.backend.name,
             ignore_index=config.ignore_index,
             max_batch_size=config.max_batch_size,
+            input_mode=config.input.mode,
+            buckets=list(config.input.buckets),
         )
 
     def _decode_image(self, image: pb.Image) -> np.ndarray:

@@ -184,3 +184,10 @@ def replace_delay(cfg: ModelConfig, delay_ms: float) -> ModelConfig:
     from dataclasses import replace
 
     return replace(cfg, max_queue_delay_ms=delay_ms)
+
+
+def test_get_model_tells_the_input_mode_and_buckets(start_server, pad_repository: Path) -> None:
+    server = start_server(repository=pad_repository)
+    with VisionClient(f"127.0.0.1:{server.port}") as client:
+        info = client.get_model("pad-segmenter")
+    assert (info.input_mode, list(info.buckets)) == ("pad", list(BUCKETS))

@@ -78,6 +78,7 @@ def test_list_models(vision_stub) -> None:
     assert models[CLS].version == "2" and list(models[CLS].versions) == ["1", "2"]
     seg = models[SEG]
     assert (seg.task, seg.input_height, seg.input_width) == ("segmentation", 32, 48)
+    assert (seg.input_mode, list(seg.buckets)) == ("resize", [])
     assert list(seg.labels) == list(make_models.LABELS)
     assert seg.backend == "onnxruntime-cpu" and seg.ignore_index == 255 and seg.max_batch_size == 4
 
