@@ -269,7 +269,7 @@ def one_cli_run(server_pid: int, command: list[str], images: Path) -> CliRun:
     return CliRun(count / wall, client_cpu / count * 1e3, server_cpu / count * 1e3, code)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--repository", type=Path, help="existing model repository (default: synthetic)"
@@ -321,6 +321,13 @@ def main() -> None:
         "cli_args", nargs="*", help="extra `visionserve segment` options (after --)"
     )
     args = parser.parse_args()
+    if args.repository is not None and args.model is None:
+        parser.error("--model is required with --repository")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         work = Path(tmp)
         batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -331,8 +338,6 @@ def main() -> None:
                     work / "repo", args.input_size, args.channels, args.layers, max(batches)
                 ),
             )
-        elif args.model is None:
-            parser.error("--model is required with --repository")
         else:
             repo, model = args.repository, args.model
         from visionserve.server.preprocess import layout

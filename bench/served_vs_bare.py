@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -40,12 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pinning import pinned
 
 
 def parse_args() -> argparse.Namespace:
@@ -382,26 +382,6 @@ def measure(
                 figures["pin_bare"] += bare.latencies(block)
                 figures["pin_served"] += served_latencies(address, *kserve, block)
     return figures
-
-
-@contextlib.contextmanager
-def pinned(server_pid: int) -> Iterator[None]:
-    """Every server thread on CPU 0, this process (the latency client, and bare) on the
-    last CPU, as a load generator gets its own cores; affinities restored after."""
-    cpus = sorted(os.sched_getaffinity(0))
-    tasks = [int(t) for t in os.listdir(f"/proc/{server_pid}/task")]
-    saved = {tid: os.sched_getaffinity(tid) for tid in tasks}
-    mine = os.sched_getaffinity(0)
-    try:
-        for tid in tasks:
-            os.sched_setaffinity(tid, {cpus[0]})
-        os.sched_setaffinity(0, {cpus[-1]})
-        yield
-    finally:
-        os.sched_setaffinity(0, mine)
-        for tid, affinity in saved.items():
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                os.sched_setaffinity(tid, affinity)
 
 
 def main() -> int:
