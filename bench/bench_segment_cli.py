@@ -125,8 +125,10 @@ def write_images(folder: Path, count: int, size: int, classes: int) -> tuple[Pat
 
 
 def threads_for(instances: int, threads: int) -> int:
-    """ONNX Runtime threads per instance: ``--threads``, or the cores shared out."""
-    return threads or max(1, (os.cpu_count() or 1) // instances)
+    """ONNX Runtime threads per instance: ``--threads``, or the server's own default."""
+    from visionserve.server.served_model import auto_threads
+
+    return threads or auto_threads(instances)
 
 
 def bare_capacity(
