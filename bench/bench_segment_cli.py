@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,8 +134,8 @@ def threads_for(instances: int, threads: int) -> int:
 
 def bare_capacity(
     repo: Path, model: str, args: argparse.Namespace, batch_sizes: list[int]
-) -> dict[tuple[int, int], tuple[float, float]]:
-    """(images/s, CPU-s/img) of backend.infer on preprocessed batches per (instances,
+) -> dict[tuple[int, int], tuple[float, float, int]]:
+    """(images/s, CPU-s/img, threads per instance) of backend.infer on preprocessed batches per (instances,
     batch size): ``instances`` threads calling one backend at once, as the server's
     batcher instances do. At the tensor shape the server gives the bench's images
     (``input.mode``: the model's input size, or the image's shape bucket)."""
@@ -148,11 +149,13 @@ def bare_capacity(
     image = np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)
     rates = {}
     for instances in args.instance_counts:
-        backend = load_backend(entry, threads_for(instances, args.threads))
+        threads = threads_for(instances, args.threads)
+        backend = load_backend(entry, threads)
         try:
             for batch in batch_sizes:
                 feeds = {spec.name: preprocess_batch([image] * batch, spec)}
-                rates[instances, batch] = _run_bare(backend, feeds, instances, args.seconds)
+                rate, cpu = _run_bare(backend, feeds, instances, args.seconds)
+                rates[instances, batch] = (rate, cpu, threads)
         finally:
             backend.close()
     return rates
@@ -206,18 +209,78 @@ class CliRun:
         return self.client_ms + self.server_ms
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where things run: ``server`` CPUs (the server and bare), ``client`` CPUs (the CLI)."""
+
+    name: str
+    server: frozenset[int]
+    client: frozenset[int]
+
+
+def placements(which: str) -> list[Placement]:
+    """``shared``: all on every CPU; ``split``: the server (and bare) on the first half of
+    the CPUs, the CLI on the rest, as a GPU server's model does not compete with its
+    clients for cores; ``both``."""
+    cpus = sorted(os.sched_getaffinity(0))
+    everything = frozenset(cpus)
+    half = max(1, len(cpus) // 2)
+    chosen = []
+    if which in ("shared", "both"):
+        chosen.append(Placement("shared", everything, everything))
+    if which in ("split", "both") and len(cpus) >= 2:
+        chosen.append(Placement("split", frozenset(cpus[:half]), frozenset(cpus[half:])))
+    return chosen
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: frozenset[int]) -> Iterator[None]:
+    """Every thread of this process (gRPC's and ONNX Runtime's pools, which outlive a
+    run, included) and the threads started inside on ``cpus``; restored after."""
+    saved = {}
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            saved[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        for tid, affinity in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, affinity)
+
+
 def cli_rate(
     repo: Path,
     model: str,
-    images: Path,
-    gts: Path,
-    out: Path,
+    data: tuple[Path, Path, Path],
     args: argparse.Namespace,
     config: tuple[int, int] | None,
+    placement: Placement,
 ) -> list[CliRun]:
     """``args.repeats`` runs of ``visionserve segment`` (fresh output folders) against one
     server subprocess, configured as bare's best ``config`` (instances, max batch size),
     as served_vs_bare.py does (None: model.yaml's batching, the default threads)."""
+    images, gts, out = data
+    with on_cpus(placement.server):  # the server inherits the CPUs; its threads follow them
+        server, port = start_server(repo, args, config)
+    try:
+        command = ["segment", str(images), "--server", f"127.0.0.1:{port}", "--model", model]
+        command += ["--gt", str(gts), "--no-progress", *args.cli_args]
+        with on_cpus(placement.client):
+            return [
+                one_cli_run(server.pid, command + ["--out", str(out / f"run{i}")], images)
+                for i in range(args.repeats)
+            ]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def start_server(
+    repo: Path, args: argparse.Namespace, config: tuple[int, int] | None
+) -> tuple[subprocess.Popen, int]:
+    """A ``visionserve serve`` subprocess on a free port, started (``serving on`` seen)."""
     serve_args = ["--intra-op-threads", str(args.threads)]
     if config is not None:
         instances, batch = config
@@ -226,34 +289,13 @@ def cli_rate(
             *("--intra-op-threads", str(threads_for(instances, args.threads))),
         ]
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "visionserve.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--repository",
-            str(repo),
-            "--port",
-            str(port),
-            *serve_args,
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        if b"serving on" not in server.stdout.readline():
-            raise RuntimeError("the server did not start")
-        command = ["segment", str(images), "--server", f"127.0.0.1:{port}", "--model", model]
-        command += ["--gt", str(gts), "--no-progress", *args.cli_args]
-        return [
-            one_cli_run(server.pid, command + ["--out", str(out / f"run{i}")], images)
-            for i in range(args.repeats)
-        ]
-    finally:
-        server.terminate()
-        server.wait(30)
+    command = [sys.executable, "-m", "visionserve.cli", "--log-level", "WARNING", "serve"]
+    command += ["--repository", str(repo), "--port", str(port), *serve_args]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE)
+    if b"serving on" not in server.stdout.readline():
+        server.kill()
+        raise RuntimeError("the server did not start")
+    return server, port
 
 
 def one_cli_run(server_pid: int, command: list[str], images: Path) -> CliRun:
@@ -320,6 +362,14 @@ def parse_args() -> argparse.Namespace:
         help="serve with model.yaml's max_batch_size (default: bare's best batch size)",
     )
     parser.add_argument(
+        "--placement",
+        choices=("shared", "split", "both"),
+        default="both",
+        help="shared: server, bare and CLI on every CPU; split: server and bare on the first "
+        "half of the CPUs, the CLI on the rest (as a GPU server's model does not compete with "
+        "its clients for cores); both (default)",
+    )
+    parser.add_argument(
         "cli_args", nargs="*", help="extra `visionserve segment` options (after --)"
     )
     args = parser.parse_args()
@@ -346,57 +396,84 @@ def main() -> None:
         from visionserve.server.repository import ModelRepository
 
         config = ModelRepository(repo).entry(model).config
-        classes = len(config.labels)
         tensor_hw = layout(args.image_size, args.image_size, config.input).tensor
-        images, gts = write_images(work / "data", args.images, args.image_size, classes)
-        # On a shared machine load comes and goes: bare capacity is measured before and
-        # after the CLI run and the better figures kept (the ratios err on the low side).
-        before = bare_capacity(repo, model, args, batches)
-        best = max(before, key=lambda k: before[k][0]) if args.match_batch else None
-        runs = cli_rate(repo, model, images, gts, work / "out", args, best)
-        after = bare_capacity(repo, model, args, batches)
-    print_figures(model, args, before, after, runs, tensor_hw)
-
-
-def print_figures(
-    model: str,
-    args: argparse.Namespace,
-    before: dict,
-    after: dict,
-    runs: list[CliRun],
-    tensor_hw: tuple[int, int],
-) -> None:
-    """Bare capacity per batch size, the CLI's figures, and the ratios."""
-    batches = list(before)
-    rates = {b: (max(before[b][0], after[b][0]), min(before[b][1], after[b][1])) for b in batches}
-    best = max(rates, key=lambda b: rates[b][0])
-    print(
-        f"model {model}: {args.images} images of {args.image_size}x{args.image_size}, {os.cpu_count()} CPUs; "
-        f"the model runs at {tensor_hw[0]}x{tensor_hw[1]}"
-    )
-    for (instances, batch), (r, cpu) in rates.items():
+        images, gts = write_images(work / "data", args.images, args.image_size, len(config.labels))
         print(
-            f"  bare backend, {instances} instance(s) x {threads_for(instances, args.threads)} "
-            f"thread(s), batch {batch:>3}: {r:8.1f} img/s  {cpu * 1e3:7.2f} CPU-ms/img"
+            f"model {model}: {args.images} images of {args.image_size}x{args.image_size}, "
+            f"{os.cpu_count()} CPUs; the model runs at {tensor_hw[0]}x{tensor_hw[1]}"
         )
-    bare_rate, bare_cpu = rates[best]
+        for placement in placements(args.placement):
+            out = work / f"out-{placement.name}"
+            measure_placement(repo, model, (images, gts, out), args, batches, placement)
+
+
+def measure_placement(
+    repo: Path,
+    model: str,
+    data: tuple[Path, Path, Path],
+    args: argparse.Namespace,
+    batches: list[int],
+    placement: Placement,
+) -> None:
+    """Bare capacity on the server's CPUs, the CLI against a server there, the ratios.
+
+    On a shared machine load comes and goes: bare capacity is measured before and after
+    the CLI runs and the better figures kept (the ratios err on the low side)."""
+    with on_cpus(placement.server):
+        before = bare_capacity(repo, model, args, batches)
+    best = max(before, key=lambda k: before[k][0]) if args.match_batch else None
+    runs = cli_rate(repo, model, data, args, best, placement)
+    with on_cpus(placement.server):
+        after = bare_capacity(repo, model, args, batches)
+    print_figures(placement, before, after, runs)
+
+
+def print_figures(placement: Placement, before: dict, after: dict, runs: list[CliRun]) -> None:
+    """Bare capacity per configuration, the CLI's figures, and the ratios."""
+    rates = {
+        k: (max(before[k][0], after[k][0]), min(before[k][1], after[k][1]), before[k][2])
+        for k in before
+    }
+    best = max(rates, key=lambda k: rates[k][0])
+    shared = placement.server == placement.client
     print(
-        f"bare capacity ({best[0]} instance(s), batch {best[1]}): {bare_rate:8.1f} img/s  "
-        f"{bare_cpu * 1e3:7.2f} CPU-ms/img; the server runs with the best before the CLI runs"
+        f"[{placement.name}] server and bare on CPUs {sorted(placement.server)}, "
+        f"the CLI on CPUs {sorted(placement.client)}"
+    )
+    for (instances, batch), (r, cpu, threads) in rates.items():
+        print(
+            f"  bare backend, {instances} instance(s) x {threads} thread(s), batch {batch:>3}: "
+            f"{r:8.1f} img/s  {cpu * 1e3:7.2f} CPU-ms/img"
+        )
+    bare_rate, bare_cpu, _ = rates[best]
+    print(
+        f"  bare capacity ({best[0]} instance(s), batch {best[1]}): {bare_rate:8.1f} img/s  "
+        f"{bare_cpu * 1e3:7.2f} CPU-ms/img; the server runs with the best"
     )
     for i, run in enumerate(runs, start=1):
         print(
-            f"visionserve segment, run {i}:  {run.rate:8.1f} img/s  {run.cpu_ms:7.2f} CPU-ms/img "
+            f"  visionserve segment, run {i}:  {run.rate:8.1f} img/s  {run.cpu_ms:7.2f} CPU-ms/img "
             f"= client {run.client_ms:.2f} + server {run.server_ms:.2f} (exit {run.code})"
         )
     best_run = max(runs, key=lambda r: r.rate)
-    print(f"ratio CLI / bare, wall clock: {best_run.rate / bare_rate:.3f} (goal >= 0.85)")
-    best_cpu = min(cpu for _, cpu in rates.values()) * 1e3
-    cpu_ms = min(r.cpu_ms for r in runs)
     print(
-        f"ratio CLI / bare, CPU time:   {best_cpu / cpu_ms:.3f} (the wall-clock bound when client "
-        f"and server share the cores; bare {best_cpu:.2f} CPU-ms/img)"
+        f"  [{placement.name}] ratio CLI / bare, wall clock: {best_run.rate / bare_rate:.3f} "
+        f"(goal >= 0.85)"
     )
+    best_cpu = min(cpu for _, cpu, _ in rates.values()) * 1e3
+    if shared:
+        cpu_ms = min(r.cpu_ms for r in runs)
+        print(
+            f"  [{placement.name}] ratio CLI / bare, CPU time:   {best_cpu / cpu_ms:.3f} (the "
+            f"wall-clock bound when client and server share the cores; bare {best_cpu:.2f} "
+            f"CPU-ms/img)"
+        )
+    else:
+        server_ms = min(r.server_ms for r in runs)
+        print(
+            f"  [{placement.name}] server CPU-ms/img over bare's: {server_ms / best_cpu:.3f} "
+            f"(bare {best_cpu:.2f}, server {server_ms:.2f}; the client has CPUs of its own)"
+        )
 
 
 if __name__ == "__main__":

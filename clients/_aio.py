@@ -106,6 +106,11 @@ class AsyncVisionClient(ClientBase):
         batch pipelines that manage their own flow control; errors are grpc.RpcError."""
         return self.stub.SegmentStream(timeout=timeout, metadata=self.metadata)
 
+    def open_segment_batches(self, timeout: float | None = None) -> grpc.aio.StreamStreamCall:
+        """A raw SegmentBatches call: writes ``pb.SegmentBatch`` (several requests per
+        message), reads ``pb.SegmentBatchResult``; otherwise as ``open_segment_stream``."""
+        return self.stub.SegmentBatches(timeout=timeout, metadata=self.metadata)
+
     async def segment_stream(
         self,
         requests: AsyncIterable[pb.SegmentRequest] | Iterable[pb.SegmentRequest],

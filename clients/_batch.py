@@ -1,9 +1,11 @@
 """Batch segmentation over SegmentStream: many requests in flight, nothing lost, nothing twice.
 
 ``BatchRunner.run(jobs)`` reads files in worker threads (a few per hop), sends them
-over ``streams`` parallel SegmentStream calls with up to ``window`` requests in flight
-on each, and hands every answer to a worker thread that checks it, scores it, writes
-the mask (and overlay) atomically and appends the image to the journal. The ground
+over ``streams`` parallel SegmentBatches calls (up to ``per_message`` requests per
+message, whatever is ready; SegmentStream, one per message, with ``per_message`` 1 or a
+server without SegmentBatches) with up to ``window`` requests in flight on each, and
+hands each answer message to a worker thread that checks every answer, scores it,
+writes the mask (and overlay) atomically and appends the image to the journal. The ground
 truth is read and decoded once, when the image is read; the client's confusion matrix
 is what the report is built from, so the ground truth goes to the server only with
 ``server_iou`` (the server then decodes and scores it too, and the counts are
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +64,14 @@ class BatchSettings:
     server_iou: bool = False
     streams: int = 4
     window: int = 16
+    per_message: int = 8
     timeout: float = 60.0
     give_up_after: float = 60.0
     threads: int = 2
     out_root: Path = Path(".")
 
     def __post_init__(self) -> None:
-        for name in ("streams", "window", "threads"):
+        for name in ("streams", "window", "per_message", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.timeout <= 0 or self.give_up_after <= 0:
@@ -91,10 +94,14 @@ class Prepared:
 # the client's watchdog (``BatchSettings.timeout``).
 STREAM_DEADLINE_S = 3600.0
 # A thread-per-stream server runs only as many streams at once as it has threads; a
-# stream with no first answer after this long, while other streams opened before were
-# answered since, is waiting for one: it is cancelled, its requests go to the others,
-# and it retires.
+# stream that waits this long for its first answer while the server is seen serving
+# others is waiting for a thread: it is cancelled, its requests go to the others, and it
+# retires. "Seen serving others": a request sent this long after this stream's oldest
+# was answered first (the server's queue is first come, first served), or the other
+# streams were answered and have nothing left in flight. Waiting alone is no sign: with
+# a slow model, 64 requests in flight ahead of a stream's first take a while.
 STALL_S = 2.0
+WATCH_S = 0.25  # how often a stream's watchdog looks
 
 
 # Stream-level failures after which the stream is reopened and its unanswered requests
@@ -120,9 +127,10 @@ class _Done:
 DONE = _Done()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the runner keeps a set of the open ones
 class _StreamState:
     window: asyncio.Semaphore
+    batched: bool  # SegmentBatches (several requests per message), else SegmentStream
     outstanding: dict[str, tuple[Prepared, float]] = field(default_factory=dict)
     expired: bool = False
     stalled: bool = False
@@ -148,7 +156,10 @@ class BatchRunner:
         self.done = 0
         self._remaining = 0
         self._active_streams = settings.streams
+        self._batched = settings.per_message > 1  # until the server says UNIMPLEMENTED
         self._last_answer = time.monotonic()
+        self._newest_answered_sent = 0.0  # send time of the newest request answered
+        self._states: set[_StreamState] = set()  # the open streams
         self._pending: set[asyncio.Future[Any]] = set()
 
     async def run(self, jobs: list[Job]) -> None:
@@ -234,10 +245,12 @@ class BatchRunner:
     async def _stream_worker(self, number: int) -> None:
         delay, odd = 0.1, 0
         while self._remaining > 0:
-            state = _StreamState(asyncio.Semaphore(self.settings.window))
+            state = _StreamState(asyncio.Semaphore(self.settings.window), self._batched)
             error = await self._one_stream(state)
             if error is None or self._remaining == 0:
                 return
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                continue  # reopened as SegmentStream at once
             if state.stalled:
                 self._active_streams -= 1
                 log.info(
@@ -263,13 +276,17 @@ class BatchRunner:
             delay = min(delay * 2, 2.0)
 
     async def _one_stream(self, state: _StreamState) -> VisionServeError | None:
-        """One SegmentStream call until DONE (returns None) or it breaks (returns the error)."""
-        call = self.client.open_segment_stream(timeout=STREAM_DEADLINE_S)
+        """One stream call until DONE (returns None) or it breaks (returns the error)."""
+        self._states.add(state)
+        if state.batched:
+            call = self.client.open_segment_batches(timeout=STREAM_DEADLINE_S)
+        else:
+            call = self.client.open_segment_stream(timeout=STREAM_DEADLINE_S)
         sender = asyncio.create_task(self._send(call, state))
         watchdog = asyncio.create_task(self._watch(call, state))
         try:
-            async for response in call:
-                self._answer(state, response)
+            async for message in call:
+                self._answer(state, message.responses if state.batched else (message,))
             if state.outstanding:
                 raise VisionServeError(
                     grpc.StatusCode.UNAVAILABLE, "the server closed the stream early"
@@ -280,6 +297,7 @@ class BatchRunner:
                 raise
             return self._broken(state, exc)
         finally:
+            self._states.discard(state)
             sender.cancel()
             watchdog.cancel()
             await asyncio.gather(sender, watchdog, return_exceptions=True)
@@ -297,6 +315,14 @@ class BatchRunner:
         if state.stalled:
             return VisionServeError(grpc.StatusCode.CANCELLED, "stream not served")
         error = translate(exc)
+        if error.code == grpc.StatusCode.UNIMPLEMENTED and state.batched:
+            if self._batched:  # every stream finds out; say it once
+                log.info(
+                    "%s has no SegmentBatches (an older server): one image per message",
+                    self.client.config.target,
+                )
+                self._batched = False
+            return error
         if error.code not in SERVER_GONE | CONNECTION_LOST:
             raise BatchStopped(f"the server ended the stream: {error}") from exc
         return error
@@ -304,32 +330,48 @@ class BatchRunner:
     async def _send(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
         try:
             while True:
-                await state.window.acquire()
-                item = await self._queue.get()
-                if isinstance(item, _Done):
+                items = await self._take(state)
+                if not items:
                     await call.done_writing()
                     return
-                state.outstanding[item.job.key] = (item, time.monotonic())
-                await call.write(item.request)
+                now = time.monotonic()
+                for item in items:
+                    state.outstanding[item.job.key] = (item, now)
+                if state.batched:
+                    await call.write(pb.SegmentBatch(requests=[i.request for i in items]))
+                else:
+                    await call.write(items[0].request)
         except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             log.debug("stream write failed: %s", exc)  # the reader sees the same failure
+
+    async def _take(self, state: _StreamState) -> list[Prepared]:
+        """The next message's requests: waits for one, then takes what is ready without
+        waiting (up to ``per_message``, within the window); [] when every job is done."""
+        limit = self.settings.per_message if state.batched else 1
+        await state.window.acquire()
+        item = await self._queue.get()
+        if isinstance(item, _Done):
+            return []
+        items = [item]
+        while len(items) < limit and not self._queue.empty() and not state.window.locked():
+            item = self._queue.get_nowait()
+            if isinstance(item, _Done):
+                self._queue.put_nowait(item)  # for the next call; send what we have
+                break
+            await state.window.acquire()  # free: does not wait
+            items.append(item)
+        return items
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
         """Cancel the call when its oldest request passes the deadline, or it is not served."""
         timeout = self.settings.timeout
         while True:
-            await asyncio.sleep(min(0.25, timeout / 4))
+            await asyncio.sleep(min(WATCH_S, timeout / 4))
             if not state.outstanding:
                 continue
-            now = time.monotonic()
-            age = now - min(t for _, t in state.outstanding.values())
-            others_answered = self._last_answer > state.opened
-            if (
-                state.answered == 0
-                and age > STALL_S
-                and others_answered
-                and self._active_streams > 1
-            ):
+            oldest = min(t for _, t in state.outstanding.values())
+            age = time.monotonic() - oldest
+            if state.answered == 0 and age > STALL_S and self._serving_others(state, oldest):
                 state.stalled = True
             elif age > timeout:
                 state.expired = True
@@ -338,34 +380,62 @@ class BatchRunner:
             call.cancel()
             return
 
-    def _answer(self, state: _StreamState, response: pb.SegmentResponse) -> None:
-        entry = state.outstanding.pop(response.request_id, None)
-        if entry is None:
-            log.warning("answer for an unknown request_id %r ignored", response.request_id)
-            return
-        prepared = entry[0]
-        state.window.release()
-        state.answered += 1
-        self._last_answer = time.monotonic()
-        if response.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
-            asyncio.get_running_loop().call_later(0.2, self._queue.put_nowait, prepared)
-            return
-        if response.error_code:
-            error = VisionServeError.from_status(response.error_code, response.error_message)
-            self._resolve(prepared.job.key, str(error))
-            return
-        future = asyncio.get_running_loop().run_in_executor(
-            self._pool, self._finish, prepared, response
+    def _serving_others(self, state: _StreamState, oldest: float) -> bool:
+        """Whether the server was seen serving other streams while ``state`` waited."""
+        if self._active_streams <= 1:
+            return False
+        overtaken = self._newest_answered_sent > oldest + STALL_S
+        others_done = self._last_answer > state.opened and not any(
+            other.outstanding for other in self._states if other is not state
         )
-        self._pending.add(future)
-        future.add_done_callback(lambda f, key=prepared.job.key: self._finished(key, f))
+        return overtaken or others_done
 
-    def _finished(self, key: str, future: asyncio.Future[None]) -> None:
+    def _answer(self, state: _StreamState, responses: Sequence[pb.SegmentResponse]) -> None:
+        """One answer message: failures resolved here, successes finished in one hop."""
+        done: list[tuple[Prepared, pb.SegmentResponse]] = []
+        for response in responses:
+            entry = state.outstanding.pop(response.request_id, None)
+            if entry is None:
+                log.warning("answer for an unknown request_id %r ignored", response.request_id)
+                continue
+            prepared, sent = entry
+            self._newest_answered_sent = max(self._newest_answered_sent, sent)
+            state.window.release()
+            state.answered += 1
+            self._last_answer = time.monotonic()
+            if response.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                asyncio.get_running_loop().call_later(0.2, self._queue.put_nowait, prepared)
+            elif response.error_code:
+                error = VisionServeError.from_status(response.error_code, response.error_message)
+                self._resolve(prepared.job.key, str(error))
+            else:
+                done.append((prepared, response))
+        if not done:
+            return
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_all, done)
+        self._pending.add(future)
+        keys = [prepared.job.key for prepared, _ in done]
+        future.add_done_callback(lambda f: self._finished(keys, f))
+
+    def _finished(self, keys: list[str], future: asyncio.Future[list[str | None]]) -> None:
         self._pending.discard(future)
         if future.cancelled():
             return
         exc = future.exception()
-        self._resolve(key, None if exc is None else f"{type(exc).__name__}: {exc}")
+        reasons = [f"{type(exc).__name__}: {exc}"] * len(keys) if exc else future.result()
+        for key, reason in zip(keys, reasons):
+            self._resolve(key, reason)
+
+    def _finish_all(self, done: list[tuple[Prepared, pb.SegmentResponse]]) -> list[str | None]:
+        """``_finish`` each; None for a finished image, else why it failed."""
+        reasons: list[str | None] = []
+        for prepared, response in done:
+            try:
+                self._finish(prepared, response)
+                reasons.append(None)
+            except Exception as exc:  # noqa: BLE001 - one image's failure, listed in the report
+                reasons.append(f"{type(exc).__name__}: {exc}")
+        return reasons
 
     # -- per image, in a worker thread --------------------------------------
     def _finish(self, prepared: Prepared, response: pb.SegmentResponse) -> None:

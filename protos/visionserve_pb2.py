@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visionserve/protos/visionserve.proto\x12\x0evisionserve.v1\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x03raw\x18\x02 \x01(\x0b\x32\x18.visionserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"_\n\x04Mask\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12*\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1a.visionserve.v1.MaskFormat\"z\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"o\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.visionserve.v1.ClassScore\"\xf3\x01\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Image\x12*\n\x0cground_truth\x18\x04 \x01(\x0b\x32\x14.visionserve.v1.Mask\x12\x19\n\x0cignore_index\x18\x05 \x01(\rH\x00\x88\x01\x01\x12/\n\x0bmask_format\x18\x06 \x01(\x0e\x32\x1a.visionserve.v1.MaskFormat\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_ignore_index\"k\n\x08\x43lassIoU\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x14\n\x0cintersection\x18\x03 \x01(\x04\x12\r\n\x05union\x18\x04 \x01(\x04\x12\x0b\n\x03iou\x18\x05 \x01(\x01\x12\x0f\n\x07present\x18\x06 \x01(\x08\"\x8d\x01\n\tIoUReport\x12)\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x18.visionserve.v1.ClassIoU\x12\x10\n\x08mean_iou\x18\x02 \x01(\x01\x12\x16\n\x0epixel_accuracy\x18\x03 \x01(\x01\x12\x15\n\rscored_pixels\x18\x04 \x01(\x04\x12\x14\n\x0cignore_index\x18\x05 \x01(\r\"\xbc\x01\n\x0fSegmentResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\"\n\x04mask\x18\x04 \x01(\x0b\x32\x14.visionserve.v1.Mask\x12&\n\x03iou\x18\x05 \x01(\x0b\x32\x19.visionserve.v1.IoUReport\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.visionserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xe9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0cinput_height\x18\x06 \x01(\r\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x14\n\x0cignore_index\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x12\n\ninput_mode\x18\x0b \x01(\t\x12\x0f\n\x07\x62uckets\x18\x0c \x03(\r*6\n\nMaskFormat\x12\x13\n\x0fMASK_FORMAT_PNG\x10\x00\x12\x13\n\x0fMASK_FORMAT_RAW\x10\x01\x32\x9d\x03\n\rVisionService\x12M\n\x08\x43lassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12J\n\x07Segment\x12\x1e.visionserve.v1.SegmentRequest\x1a\x1f.visionserve.v1.SegmentResponse\x12T\n\rSegmentStream\x12\x1e.visionserve.v1.SegmentRequest\x1a\x1f.visionserve.v1.SegmentResponse(\x01\x30\x01\x12S\n\nListModels\x12!.visionserve.v1.ListModelsRequest\x1a\".visionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.visionserve.v1.GetModelRequest\x1a\x19.visionserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visionserve/protos/visionserve.proto\x12\x0evisionserve.v1\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x03raw\x18\x02 \x01(\x0b\x32\x18.visionserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"_\n\x04Mask\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12*\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1a.visionserve.v1.MaskFormat\"z\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"o\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.visionserve.v1.ClassScore\"\xf3\x01\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Image\x12*\n\x0cground_truth\x18\x04 \x01(\x0b\x32\x14.visionserve.v1.Mask\x12\x19\n\x0cignore_index\x18\x05 \x01(\rH\x00\x88\x01\x01\x12/\n\x0bmask_format\x18\x06 \x01(\x0e\x32\x1a.visionserve.v1.MaskFormat\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_ignore_index\"k\n\x08\x43lassIoU\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x14\n\x0cintersection\x18\x03 \x01(\x04\x12\r\n\x05union\x18\x04 \x01(\x04\x12\x0b\n\x03iou\x18\x05 \x01(\x01\x12\x0f\n\x07present\x18\x06 \x01(\x08\"\x8d\x01\n\tIoUReport\x12)\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x18.visionserve.v1.ClassIoU\x12\x10\n\x08mean_iou\x18\x02 \x01(\x01\x12\x16\n\x0epixel_accuracy\x18\x03 \x01(\x01\x12\x15\n\rscored_pixels\x18\x04 \x01(\x04\x12\x14\n\x0cignore_index\x18\x05 \x01(\r\"@\n\x0cSegmentBatch\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.visionserve.v1.SegmentRequest\"H\n\x12SegmentBatchResult\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.visionserve.v1.SegmentResponse\"\xbc\x01\n\x0fSegmentResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\"\n\x04mask\x18\x04 \x01(\x0b\x32\x14.visionserve.v1.Mask\x12&\n\x03iou\x18\x05 \x01(\x0b\x32\x19.visionserve.v1.IoUReport\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.visionserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xe9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0cinput_height\x18\x06 \x01(\r\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x14\n\x0cignore_index\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x12\n\ninput_mode\x18\x0b \x01(\t\x12\x0f\n\x07\x62uckets\x18\x0c \x03(\r*6\n\nMaskFormat\x12\x13\n\x0fMASK_FORMAT_PNG\x10\x00\x12\x13\n\x0fMASK_FORMAT_RAW\x10\x01\x32\xf5\x03\n\rVisionService\x12M\n\x08\x43lassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12J\n\x07Segment\x12\x1e.visionserve.v1.SegmentRequest\x1a\x1f.visionserve.v1.SegmentResponse\x12T\n\rSegmentStream\x12\x1e.visionserve.v1.SegmentRequest\x1a\x1f.visionserve.v1.SegmentResponse(\x01\x30\x01\x12V\n\x0eSegmentBatches\x12\x1c.visionserve.v1.SegmentBatch\x1a\".visionserve.v1.SegmentBatchResult(\x01\x30\x01\x12S\n\nListModels\x12!.visionserve.v1.ListModelsRequest\x1a\".visionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.visionserve.v1.GetModelRequest\x1a\x19.visionserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visionserve.protos.visionserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MASKFORMAT']._serialized_start=1664
-  _globals['_MASKFORMAT']._serialized_end=1718
+  _globals['_MASKFORMAT']._serialized_start=1804
+  _globals['_MASKFORMAT']._serialized_end=1858
   _globals['_RAWIMAGE']._serialized_start=56
   _globals['_RAWIMAGE']._serialized_end=129
   _globals['_IMAGE']._serialized_start=131
@@ -51,16 +51,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIOU']._serialized_end=954
   _globals['_IOUREPORT']._serialized_start=957
   _globals['_IOUREPORT']._serialized_end=1098
-  _globals['_SEGMENTRESPONSE']._serialized_start=1101
-  _globals['_SEGMENTRESPONSE']._serialized_end=1289
-  _globals['_LISTMODELSREQUEST']._serialized_start=1291
-  _globals['_LISTMODELSREQUEST']._serialized_end=1310
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1312
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1375
-  _globals['_GETMODELREQUEST']._serialized_start=1377
-  _globals['_GETMODELREQUEST']._serialized_end=1426
-  _globals['_MODELINFO']._serialized_start=1429
-  _globals['_MODELINFO']._serialized_end=1662
-  _globals['_VISIONSERVICE']._serialized_start=1721
-  _globals['_VISIONSERVICE']._serialized_end=2134
+  _globals['_SEGMENTBATCH']._serialized_start=1100
+  _globals['_SEGMENTBATCH']._serialized_end=1164
+  _globals['_SEGMENTBATCHRESULT']._serialized_start=1166
+  _globals['_SEGMENTBATCHRESULT']._serialized_end=1238
+  _globals['_SEGMENTRESPONSE']._serialized_start=1241
+  _globals['_SEGMENTRESPONSE']._serialized_end=1429
+  _globals['_LISTMODELSREQUEST']._serialized_start=1431
+  _globals['_LISTMODELSREQUEST']._serialized_end=1450
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1452
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1515
+  _globals['_GETMODELREQUEST']._serialized_start=1517
+  _globals['_GETMODELREQUEST']._serialized_end=1566
+  _globals['_MODELINFO']._serialized_start=1569
+  _globals['_MODELINFO']._serialized_end=1802
+  _globals['_VISIONSERVICE']._serialized_start=1861
+  _globals['_VISIONSERVICE']._serialized_end=2362
 # @@protoc_insertion_point(module_scope)

@@ -130,6 +130,18 @@ class IoUReport(_message.Message):
     ignore_index: int
     def __init__(self, classes: _Optional[_Iterable[_Union[ClassIoU, _Mapping]]] = ..., mean_iou: _Optional[float] = ..., pixel_accuracy: _Optional[float] = ..., scored_pixels: _Optional[int] = ..., ignore_index: _Optional[int] = ...) -> None: ...
 
+class SegmentBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SegmentRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SegmentRequest, _Mapping]]] = ...) -> None: ...
+
+class SegmentBatchResult(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[SegmentResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[SegmentResponse, _Mapping]]] = ...) -> None: ...
+
 class SegmentResponse(_message.Message):
     __slots__ = ("model", "version", "request_id", "mask", "iou", "error_code", "error_message")
     MODEL_FIELD_NUMBER: _ClassVar[int]

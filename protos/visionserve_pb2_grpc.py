@@ -49,6 +49,11 @@ class VisionServiceStub:
                 request_serializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentRequest.SerializeToString,
                 response_deserializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentResponse.FromString,
                 _registered_method=True)
+        self.SegmentBatches = channel.stream_stream(
+                '/visionserve.v1.VisionService/SegmentBatches',
+                request_serializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentBatch.SerializeToString,
+                response_deserializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentBatchResult.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/visionserve.v1.VisionService/ListModels',
                 request_serializer=visionserve_dot_protos_dot_visionserve__pb2.ListModelsRequest.SerializeToString,
@@ -87,6 +92,16 @@ class VisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SegmentBatches(self, request_iterator, context):
+        """SegmentStream with several requests per message (at most 64), for batch
+        clients sending many small images: per-message costs are paid once per
+        message. Each answer message answers one request message, its requests in
+        the order they came; a failed request answers in-band as on SegmentStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,6 +131,11 @@ def add_VisionServiceServicer_to_server(servicer, server):
                     servicer.SegmentStream,
                     request_deserializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentRequest.FromString,
                     response_serializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentResponse.SerializeToString,
+            ),
+            'SegmentBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.SegmentBatches,
+                    request_deserializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentBatch.FromString,
+                    response_serializer=visionserve_dot_protos_dot_visionserve__pb2.SegmentBatchResult.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -209,6 +229,33 @@ class VisionService:
             '/visionserve.v1.VisionService/SegmentStream',
             visionserve_dot_protos_dot_visionserve__pb2.SegmentRequest.SerializeToString,
             visionserve_dot_protos_dot_visionserve__pb2.SegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SegmentBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/visionserve.v1.VisionService/SegmentBatches',
+            visionserve_dot_protos_dot_visionserve__pb2.SegmentBatch.SerializeToString,
+            visionserve_dot_protos_dot_visionserve__pb2.SegmentBatchResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 NO_DEADLINE_S = 10 * 365 * 24 * 3600.0
 STREAM_WINDOW = 32  # SegmentStream requests in flight per stream
+MAX_BATCH_REQUESTS = 64  # requests per SegmentBatches message
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ def _stream_discard(item: _StreamItem) -> None:
     if item.job is not None:
         item.job.future.cancel()
         item.job.model.exit()
+
+
+def _batch_discard(items: list[_StreamItem]) -> None:
+    for item in items:
+        _stream_discard(item)
 
 
 Request = TypeVar("Request")
@@ -118,6 +125,21 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         )
         return pipeline.run(request_iterator)
 
+    def SegmentBatches(
+        self, request_iterator: Iterator[pb.SegmentBatch], context: grpc.ServicerContext
+    ) -> Iterator[pb.SegmentBatchResult]:
+        """SegmentStream with up to ``MAX_BATCH_REQUESTS`` requests per message; the window
+        counts requests. Each answer message answers one message, in order."""
+        deadline = deadline_of(context)
+        pipeline = Pipeline(
+            lambda message: self._batch_begin(message, deadline),
+            lambda items: self._batch_end(items, deadline),
+            _batch_discard,
+            STREAM_WINDOW,
+            weight=lambda message: len(message.requests),
+        )
+        return pipeline.run(request_iterator)
+
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -168,6 +190,23 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         except Exception as exc:  # noqa: BLE001 - answered in-band
             model.exit()
             return _StreamItem(request, error=exc)
+
+    def _batch_begin(self, message: pb.SegmentBatch, deadline: float | None) -> list[_StreamItem]:
+        count = len(message.requests)
+        if count > MAX_BATCH_REQUESTS:
+            error = InvalidArgument(
+                f"a SegmentBatch message carries {count} requests: expected at most "
+                f"{MAX_BATCH_REQUESTS} (split it into several messages)"
+            )
+            return [_StreamItem(request, error=error) for request in message.requests]
+        return [self._stream_begin(request, deadline) for request in message.requests]
+
+    def _batch_end(self, items: list[_StreamItem], deadline: float | None) -> pb.SegmentBatchResult:
+        # One wake-up when the message's last mask is ready, not one per mask.
+        futures = [item.job.future for item in items if item.job is not None]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        futures_wait(futures, timeout)
+        return pb.SegmentBatchResult(responses=[self._stream_end(item, deadline) for item in items])
 
     def _stream_end(self, item: _StreamItem, deadline: float | None) -> pb.SegmentResponse:
         error = item.error

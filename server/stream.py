@@ -4,7 +4,9 @@ A reader thread takes requests off the stream as they arrive and *begins* each o
 (decode, validate, submit to the batcher), so one stream feeds the dynamic batcher
 with up to ``window`` requests at once; the RPC thread *ends* them (waits for the
 result, encodes the answer) in the order they came. Requests are read even while the
-client waits for an answer, so lock-step clients work too.
+client waits for an answer, so lock-step clients work too. With ``weight``, a message
+counts as that many requests against the window (a message carrying several requests),
+capped at the window so one large message still goes through alone.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class Pipeline(Generic[Request, Begun, Response]):
         end: Callable[[Begun], Response],
         discard: Callable[[Begun], None],
         window: int,
+        weight: Callable[[Request], int] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._begin, self._end, self._discard = begin, end, discard
+        self._window_size = window
+        self._weight = weight
         self._window = threading.Semaphore(window)
-        self._items: queue.Queue[Begun | _End] = queue.Queue()
+        self._items: queue.Queue[tuple[Begun, int] | _End] = queue.Queue()
         self._closed = threading.Event()
 
     def run(self, requests: Iterator[Request]) -> Iterator[Response]:
@@ -61,26 +66,34 @@ class Pipeline(Generic[Request, Begun, Response]):
                     if item.error is not None:
                         raise item.error
                     return
+                begun, permits = item
                 try:
-                    yield self._end(item)
+                    yield self._end(begun)
                 finally:
-                    self._window.release()
+                    self._window.release(permits)
         finally:
             self._close()
 
     def _read(self, requests: Iterator[Request]) -> None:
         try:
             for request in requests:
-                while not self._window.acquire(timeout=0.1):
-                    if self._closed.is_set():
-                        return
+                permits = self._permits(request)
+                for _ in range(permits):
+                    while not self._window.acquire(timeout=0.1):
+                        if self._closed.is_set():
+                            return
                 if self._closed.is_set():
                     return
-                self._items.put(self._begin(request))
+                self._items.put((self._begin(request), permits))
         except Exception as exc:  # noqa: BLE001 - the stream broke (cancelled, bad message)
             self._items.put(_End(exc))
             return
         self._items.put(_End())
+
+    def _permits(self, request: Request) -> int:
+        if self._weight is None:
+            return 1
+        return max(1, min(self._weight(request), self._window_size))
 
     def _close(self) -> None:
         """The RPC ended (maybe cancelled): release whatever was begun and not ended."""
@@ -91,4 +104,4 @@ class Pipeline(Generic[Request, Begun, Response]):
             except queue.Empty:
                 return
             if not isinstance(item, _End):
-                self._discard(item)
+                self._discard(item[0])

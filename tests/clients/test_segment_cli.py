@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,9 @@ import pytest
 from client_helpers import ServerProcess, make_dataset, write_png
 
 from visionserve.cli import main
+from visionserve.clients import _batch as batch_module
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+from visionserve.server.service import VisionServicer
 
 N = len(make_models.LABELS)
 DATASET_SIZE = 300
@@ -329,3 +333,77 @@ def test_server_gone_for_good_stops_cleanly_and_a_rerun_finishes(
     rerun = run_cli(segment_args(*dataset, out, server.address), tmp_path / "rerun.log")
     assert rerun.wait(60) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     assert_complete(out, dataset, reference_report)
+
+
+def _masks(out: Path) -> dict[str, np.ndarray]:
+    return {
+        p.relative_to(out).as_posix(): cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        for p in sorted((out / "masks").rglob("*.png"))
+    }
+
+
+def test_one_image_per_message_gives_the_same_masks(
+    server_address: str, tmp_path: Path
+) -> None:
+    images, gts = make_dataset(tmp_path, 24)
+    for per_message in ("8", "1"):
+        out = tmp_path / f"out{per_message}"
+        code = main(segment_args(images, gts, out, server_address, "--per-message", per_message))
+        assert code == 0
+    batched, single = _masks(tmp_path / "out8"), _masks(tmp_path / "out1")
+    assert len(batched) == 24 and batched.keys() == single.keys()
+    for key, mask in batched.items():
+        np.testing.assert_array_equal(mask, single[key])
+
+
+def test_a_server_without_segment_batches_is_sent_one_image_per_message(
+    start_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older server answers SegmentBatches with UNIMPLEMENTED: the run goes on over
+    SegmentStream and nothing is lost."""
+    monkeypatch.setattr(
+        VisionServicer, "SegmentBatches", pb_grpc.VisionServiceServicer.SegmentBatches
+    )
+    server = start_server()
+    images, gts = make_dataset(tmp_path, 30)
+    with caplog.at_level(logging.INFO, logger="visionserve.clients._batch"):
+        code = main(segment_args(images, gts, tmp_path / "out", f"127.0.0.1:{server.port}"))
+    assert code == 0
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["segmented"] == 30 and not report["failures"]
+    assert sorted(journal_keys(tmp_path / "out")) == sorted(
+        p.relative_to(images).as_posix() for p in images.rglob("*.png")
+    )
+    assert "has no SegmentBatches" in caplog.text
+
+
+def test_streams_queued_behind_each_other_are_not_taken_for_unserved(
+    start_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first answer slower than STALL_S (a slow model, many requests in flight ahead of
+    it) is no sign of a stream without a server thread: no stream retires and no image
+    is inferred twice. (Scaled down: STALL_S 0.08 s; 512x512 images, first answers after ~0.3 s.)"""
+    monkeypatch.setattr(batch_module, "STALL_S", 0.08)
+    monkeypatch.setattr(batch_module, "WATCH_S", 0.01)
+    server = start_server(workers=8, instances=1, max_batch_size=1)
+    rng = np.random.default_rng(5)
+    count = 120
+    for i in range(count):
+        image, classes = make_models.block_image(rng, grid=(32, 32), block=(16, 16))
+        write_png(tmp_path / f"images/{i:03d}.png", image)
+        write_png(tmp_path / f"gt/{i:03d}.png", np.repeat(np.repeat(classes, 16, 0), 16, 1))
+
+    def rows() -> float:
+        value = server.metrics.registry.get_sample_value(
+            "visionserve_inference_rows_total", {"model": make_models.SEGMENTER}
+        )
+        return value or 0.0
+
+    before = rows()
+    args = segment_args(
+        tmp_path / "images", tmp_path / "gt", tmp_path / "out", f"127.0.0.1:{server.port}"
+    )
+    with caplog.at_level(logging.INFO, logger="visionserve.clients._batch"):
+        assert main(args) == 0
+    assert "was not served" not in caplog.text
+    assert rows() - before == count

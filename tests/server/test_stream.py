@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import make_models
@@ -12,6 +13,7 @@ import pytest
 from server_test_helpers import metric, scrape
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+from visionserve.server.service import MAX_BATCH_REQUESTS
 from visionserve.server.stream import Pipeline
 
 SEG = make_models.SEGMENTER
@@ -92,3 +94,49 @@ def test_a_cancelled_stream_releases_its_models(start_server) -> None:
 def test_pipeline_refuses_a_zero_window() -> None:
     with pytest.raises(ValueError, match="window must be at least 1"):
         Pipeline(lambda r: r, lambda r: r, lambda r: None, 0)
+
+
+# -- SegmentBatches: several requests per message ------------------------------------
+def test_segment_batches_answers_each_message_with_its_requests_in_order(vision_stub) -> None:
+    requests, expected = _requests(20, seed=2)
+    requests[7] = pb.SegmentRequest(model="nope", request_id="7")
+    messages = [pb.SegmentBatch(requests=requests[i : i + 6]) for i in range(0, 20, 6)]
+    replies = list(vision_stub.SegmentBatches(iter(messages), timeout=60))
+    assert [len(reply.responses) for reply in replies] == [6, 6, 6, 2]
+    answers = [answer for reply in replies for answer in reply.responses]
+    assert [a.request_id for a in answers] == [str(i) for i in range(20)]
+    assert answers[7].error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "nope" in answers[7].error_message
+    for i, answer in enumerate(answers):
+        if i != 7:
+            assert answer.error_code == 0
+            np.testing.assert_array_equal(_mask(answer), expected[i])
+
+
+def test_segment_batches_refuses_an_oversized_message_in_band_and_goes_on(vision_stub) -> None:
+    too_many, _ = _requests(MAX_BATCH_REQUESTS + 1, seed=3)
+    small, expected = _requests(2, seed=4)
+    messages = [pb.SegmentBatch(requests=too_many), pb.SegmentBatch(requests=small)]
+    refused, served = list(vision_stub.SegmentBatches(iter(messages), timeout=60))
+    assert len(refused.responses) == MAX_BATCH_REQUESTS + 1
+    for answer in refused.responses:
+        assert answer.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert f"carries {MAX_BATCH_REQUESTS + 1} requests" in answer.error_message
+        assert f"at most {MAX_BATCH_REQUESTS}" in answer.error_message
+    assert [a.error_code for a in served.responses] == [0, 0]
+    for answer, mask in zip(served.responses, expected):
+        np.testing.assert_array_equal(_mask(answer), mask)
+
+
+def test_pipeline_window_counts_each_message_by_its_weight() -> None:
+    begun: list[list[int]] = []
+    pipeline = Pipeline(
+        lambda m: begun.append(m) or m, lambda m: m, lambda m: None, 4, weight=len
+    )
+    answers = pipeline.run(iter([[1, 2, 3], [4, 5], [6] * 10]))
+    assert next(answers) == [1, 2, 3]
+    time.sleep(0.2)  # the reader began what the window allows, and waits
+    assert begun == [[1, 2, 3]]  # 3 + 2 requests > a window of 4
+    # answering [1, 2, 3] makes room; a message heavier than the window goes alone
+    assert list(answers) == [[4, 5], [6] * 10]
+    assert begun == [[1, 2, 3], [4, 5], [6] * 10]

@@ -58,10 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "against the client's (costs the server a decode and a scoring per image)",
     )
     parser.add_argument(
-        "--streams", type=positive_int, default=4, help="parallel SegmentStream calls (default 4)"
+        "--streams", type=positive_int, default=4, help="parallel streams (default 4)"
     )
     parser.add_argument(
         "--window", type=positive_int, default=16, help="requests in flight per stream (default 16)"
+    )
+    parser.add_argument(
+        "--per-message",
+        type=positive_int,
+        default=8,
+        help="requests per stream message, up to (default 8; 1: SegmentStream, one per message)",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=2, help="threads for file I/O and PNG work (default 2)"
@@ -169,6 +175,7 @@ async def _run(args: argparse.Namespace, root: Path, images: list[Path]) -> int:
             server_iou=args.server_iou,
             streams=args.streams,
             window=args.window,
+            per_message=args.per_message,
             timeout=args.timeout,
             give_up_after=args.give_up_after,
             threads=args.threads,
