@@ -1,4 +1,4 @@
-"""Batch segmentation over SegmentStream: many requests in flight, nothing lost, nothing twice.
+"""Batch segmentation over SegmentBatches: many in flight, nothing lost, nothing twice.
 
 ``BatchRunner.run(jobs)`` reads files in worker threads (a few per hop), sends them
 over ``streams`` parallel SegmentBatches calls (up to ``per_message`` requests per
@@ -97,8 +97,8 @@ STREAM_DEADLINE_S = 3600.0
 # stream that waits this long for its first answer while the server is seen serving
 # others is waiting for a thread: it is cancelled, its requests go to the others, and it
 # retires. "Seen serving others": a request sent this long after this stream's oldest
-# was answered first (the server's queue is first come, first served), or the other
-# streams were answered and have nothing left in flight. Waiting alone is no sign: with
+# was answered first (the server's queue is first come, first served), or the streams
+# that were answered have nothing left in flight (the rest may be waiting too). Waiting alone is no sign: with
 # a slow model, 64 requests in flight ahead of a stream's first take a while.
 STALL_S = 2.0
 WATCH_S = 0.25  # how often a stream's watchdog looks
@@ -385,8 +385,9 @@ class BatchRunner:
         if self._active_streams <= 1:
             return False
         overtaken = self._newest_answered_sent > oldest + STALL_S
+        served = [other for other in self._states if other is not state and other.answered]
         others_done = self._last_answer > state.opened and not any(
-            other.outstanding for other in self._states if other is not state
+            other.outstanding for other in served
         )
         return overtaken or others_done
 

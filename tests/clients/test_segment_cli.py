@@ -280,10 +280,13 @@ def test_journal_of_another_run_is_refused(server_address: str, tmp_path: Path) 
     )
 
 
-def test_more_streams_than_server_threads(start_server, tmp_path: Path) -> None:
-    """A thread-per-stream server with 2 threads and a client with 4 streams: no deadlock."""
+@pytest.mark.parametrize("per_message", ["8", "2"])
+def test_more_streams_than_server_threads(start_server, tmp_path: Path, per_message: str) -> None:
+    """A thread-per-stream server with 2 threads and a client with 4 streams: no deadlock.
+    With 2 requests per message every stream holds work, so both unserved streams wait
+    at once (neither may count the other as one being served)."""
     server = start_server(workers=2)
-    images, gts = make_dataset(tmp_path, 12)
+    images, gts = make_dataset(tmp_path, 40)
     t0 = time.monotonic()
     code = main(
         segment_args(
@@ -291,14 +294,11 @@ def test_more_streams_than_server_threads(start_server, tmp_path: Path) -> None:
             gts,
             tmp_path / "out",
             f"127.0.0.1:{server.port}",
-            "--streams",
-            "4",
-            "--timeout",
-            "20",
+            *("--streams", "4", "--per-message", per_message, "--timeout", "20"),
         )
     )
     assert code == 0 and time.monotonic() - t0 < 10
-    assert json.loads((tmp_path / "out/report.json").read_text())["segmented"] == 12
+    assert json.loads((tmp_path / "out/report.json").read_text())["segmented"] == 40
 
 
 def test_server_gone_for_good_stops_cleanly_and_a_rerun_finishes(
