@@ -2,15 +2,17 @@
 
 Bare capacity: the model's backend called directly (no gRPC, no decode, no encode) on
 preprocessed batches, at its best batch size, in images/s. CLI: ``visionserve segment``
-end to end (files -> SegmentStream -> masks + journal + IoU report) against a
+end to end (files -> SegmentBatches -> masks + journal + IoU report) against a
 ``visionserve serve`` subprocess on the same machine and model. Prints both and the
 ratio (goal >= 0.85), and CPU milliseconds per image of the client and the server
 separately (the server's from /proc, all its threads; the client's from getrusage of
 this process while the command runs, all its threads, its one-time costs included:
-command import, planning, report and HTML with thumbnails). On a machine where client
-and server share the cores, the wall-clock ratio is bounded by
-bare CPU-ms / (client + server CPU-ms): that bound is printed too. A figure, not a
-pass/fail test.
+command import, planning, report and HTML with thumbnails). Two placements
+(``--placement``): ``shared``, where client, server and bare use every core and the
+wall-clock ratio is bounded by bare CPU-ms / (client + server CPU-ms) (printed too);
+and ``split``, the server and bare on the first half of the cores and the CLI on the
+rest, as beside a GPU server whose model does not compete with its clients for cores.
+A figure, not a pass/fail test.
 
     python bench/bench_segment_cli.py                      # synthetic conv segmenter
     python bench/bench_segment_cli.py --repository REPO --model NAME   # a real model
