@@ -34,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pinning import on_cpus  # noqa: E402 - the bench folder is not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("background", "a", "b", "c")
@@ -235,23 +237,6 @@ def placements(which: str) -> list[Placement]:
     return chosen
 
 
-@contextlib.contextmanager
-def on_cpus(cpus: frozenset[int]) -> Iterator[None]:
-    """Every thread of this process (gRPC's and ONNX Runtime's pools, which outlive a
-    run, included) and the threads started inside on ``cpus``; restored after."""
-    saved = {}
-    for tid in (int(t) for t in os.listdir("/proc/self/task")):
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            saved[tid] = os.sched_getaffinity(tid)
-            os.sched_setaffinity(tid, cpus)
-    try:
-        yield
-    finally:
-        for tid, affinity in saved.items():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, affinity)
-
-
 def cli_rate(
     repo: Path,
     model: str,
@@ -264,12 +249,12 @@ def cli_rate(
     server subprocess, configured as bare's best ``config`` (instances, max batch size),
     as served_vs_bare.py does (None: model.yaml's batching, the default threads)."""
     images, gts, out = data
-    with on_cpus(placement.server):  # the server inherits the CPUs; its threads follow them
+    with on_cpus(os.getpid(), placement.server):  # the server inherits them
         server, port = start_server(repo, args, config)
     try:
         command = ["segment", str(images), "--server", f"127.0.0.1:{port}", "--model", model]
         command += ["--gt", str(gts), "--no-progress", *args.cli_args]
-        with on_cpus(placement.client):
+        with on_cpus(os.getpid(), placement.client):
             return [
                 one_cli_run(server.pid, command + ["--out", str(out / f"run{i}")], images)
                 for i in range(args.repeats)
@@ -421,11 +406,11 @@ def measure_placement(
 
     On a shared machine load comes and goes: bare capacity is measured before and after
     the CLI runs and the better figures kept (the ratios err on the low side)."""
-    with on_cpus(placement.server):
+    with on_cpus(os.getpid(), placement.server):
         before = bare_capacity(repo, model, args, batches)
     best = max(before, key=lambda k: before[k][0]) if args.match_batch else None
     runs = cli_rate(repo, model, data, args, best, placement)
-    with on_cpus(placement.server):
+    with on_cpus(os.getpid(), placement.server):
         after = bare_capacity(repo, model, args, batches)
     print_figures(placement, before, after, runs)
 
