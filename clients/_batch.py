@@ -94,12 +94,15 @@ class Prepared:
 # the client's watchdog (``BatchSettings.timeout``).
 STREAM_DEADLINE_S = 3600.0
 # A thread-per-stream server runs only as many streams at once as it has threads; a
-# stream that waits this long for its first answer while the server is seen serving
-# others is waiting for a thread: it is cancelled, its requests go to the others, and it
-# retires. "Seen serving others": a request sent this long after this stream's oldest
-# was answered first (the server's queue is first come, first served), or the streams
-# that were answered have nothing left in flight (the rest may be waiting too). Waiting alone is no sign: with
-# a slow model, 64 requests in flight ahead of a stream's first take a while.
+# stream that has had no answer while the server is seen serving others is waiting for a
+# thread: it is cancelled, its requests go to the others, and it retires. "Seen serving
+# others", over a patience of STALL_S or twice the slowest answer seen so far, whichever
+# is longer: a request sent that long after this stream's oldest was answered first (the
+# server's queue is first come, first served), or no answer came for that long while the
+# streams that were answered had nothing in flight (the rest may be waiting too).
+# Waiting alone is no sign: with a slow model, 64 requests in flight ahead of a stream's
+# first take a while; and a served stream is idle for a moment between its answer and
+# its next message.
 STALL_S = 2.0
 WATCH_S = 0.25  # how often a stream's watchdog looks
 
@@ -159,6 +162,7 @@ class BatchRunner:
         self._batched = settings.per_message > 1  # until the server says UNIMPLEMENTED
         self._last_answer = time.monotonic()
         self._newest_answered_sent = 0.0  # send time of the newest request answered
+        self._slowest_answer = 0.0  # the longest a request waited for its answer
         self._states: set[_StreamState] = set()  # the open streams
         self._pending: set[asyncio.Future[Any]] = set()
 
@@ -371,7 +375,7 @@ class BatchRunner:
                 continue
             oldest = min(t for _, t in state.outstanding.values())
             age = time.monotonic() - oldest
-            if state.answered == 0 and age > STALL_S and self._serving_others(state, oldest):
+            if state.answered == 0 and self._serving_others(state, oldest):
                 state.stalled = True
             elif age > timeout:
                 state.expired = True
@@ -384,12 +388,17 @@ class BatchRunner:
         """Whether the server was seen serving other streams while ``state`` waited."""
         if self._active_streams <= 1:
             return False
-        overtaken = self._newest_answered_sent > oldest + STALL_S
+        patience = max(STALL_S, 2 * self._slowest_answer)
+        if time.monotonic() - oldest <= patience:
+            return False
+        overtaken = self._newest_answered_sent > oldest + patience
         served = [other for other in self._states if other is not state and other.answered]
-        others_done = self._last_answer > state.opened and not any(
-            other.outstanding for other in served
+        others_idle = (
+            self._last_answer > state.opened
+            and time.monotonic() - self._last_answer > patience
+            and not any(other.outstanding for other in served)
         )
-        return overtaken or others_done
+        return overtaken or others_idle
 
     def _answer(self, state: _StreamState, responses: Sequence[pb.SegmentResponse]) -> None:
         """One answer message: failures resolved here, successes finished in one hop."""
@@ -400,10 +409,12 @@ class BatchRunner:
                 log.warning("answer for an unknown request_id %r ignored", response.request_id)
                 continue
             prepared, sent = entry
+            now = time.monotonic()
             self._newest_answered_sent = max(self._newest_answered_sent, sent)
+            self._slowest_answer = max(self._slowest_answer, now - sent)
             state.window.release()
             state.answered += 1
-            self._last_answer = time.monotonic()
+            self._last_answer = now
             if response.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
                 asyncio.get_running_loop().call_later(0.2, self._queue.put_nowait, prepared)
             elif response.error_code:
