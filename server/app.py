@@ -184,6 +184,7 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
         metrics=metrics,
         on_change=lambda name, serving: handle.set_model_health(name, serving) if handle else None,
         drain_timeout=max(settings.grace_period_s, 1.0),
+        limits=settings.request_limits(),
     )
     handle = VisionServer(server, 0, health_servicer, registry, metrics, gate)
     visionserve_pb2_grpc.add_VisionServiceServicer_to_server(

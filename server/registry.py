@@ -26,6 +26,7 @@ from visionserve.server.repository import (
     check_model_name,
     parse_version,
 )
+from visionserve.server.requests import RequestLimits
 from visionserve.server.served_model import ServedModel, load_backend
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ModelRegistry:
         metrics: Metrics | None = None,
         on_change: Callable[[str, bool], None] | None = None,
         drain_timeout: float = 30.0,
+        limits: RequestLimits = RequestLimits(),
     ) -> None:
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._lock = threading.Lock()  # lookups + swaps
@@ -60,6 +62,7 @@ class ModelRegistry:
         self._metrics = metrics
         self._on_change = on_change
         self._drain_timeout = drain_timeout
+        self._limits = limits
         self.ready = False
 
     # -- loading -------------------------------------------------------------------------
@@ -141,7 +144,13 @@ class ModelRegistry:
         observer = self._metrics.model(entry.name) if self._metrics is not None else None
         try:
             model = ServedModel(
-                entry.name, entry.version, config, backend, observer=observer, source=source
+                entry.name,
+                entry.version,
+                config,
+                backend,
+                observer=observer,
+                source=source,
+                limits=self._limits,
             )
         except BaseException:
             backend.close()

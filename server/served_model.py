@@ -1,32 +1,74 @@
-"""A loaded model version: config + backend + dynamic batcher.
+"""A loaded model version: config + backend + dynamic batcher, and a request's walk.
 
-``ServedModel.classify`` / ``segment`` take decoded images, ``infer`` takes the model's
-input tensor (the KServe path); all of them go through the model's ``Batcher``, so
-concurrent single requests become batches. ``enter``/``exit`` count requests in flight
-so that ``retire`` (unload, or a version swapped out) lets them finish first.
-``registry.ModelRegistry`` holds every loaded version.
+``ServedModel`` owns what happens to a request once a servicer has translated it
+(``requests.SegmentInput`` / ``ClassifyInput``)::
+
+    job = model.begin(request)            # decode, check, preprocess   (CPU, off the loop)
+    future = model.submit(job.tensor, deadline)   # the dynamic batcher  (its own threads)
+    result = model.finish(job, outputs)   # mask to size, encode, IoU / top-k (CPU)
+
+``run(request, deadline)`` does all three in the caller's thread (offline path,
+synchronous callers); ``await run_async(request, deadline, executor)`` from a coroutine
+(begin/finish in the executor, never on the event loop). ``infer`` takes the model's input tensor (KServe tensors).
+``enter``/``exit`` count requests in flight so that ``retire`` (unload, or a version
+swapped out) lets them finish first. ``registry.ModelRegistry`` holds every version.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import numpy as np
 from visionserve.server.backends.base import Backend
 from visionserve.server.batcher import Batcher, BatchObserver
 from visionserve.server.errors import BackendError, DeadlineExceeded, InvalidArgument
+from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import ModelConfig
-from visionserve.server.postprocess import mask_to_image
+from visionserve.server.postprocess import mask_to_image, top_k
 from visionserve.server.preprocess import layout, preprocess
 from visionserve.server.repository import ModelEntry
+from visionserve.server.requests import (
+    ClassifyInput,
+    ClassifyResult,
+    ImageData,
+    RequestLimits,
+    SegmentInput,
+    SegmentResult,
+    decode_image,
+    decode_truth,
+    encode_mask,
+)
 
 log = logging.getLogger(__name__)
+
+Request = SegmentInput | ClassifyInput
+Result = SegmentResult | ClassifyResult
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request decoded and prepared by ``ServedModel.begin``, ready to ``submit``."""
+
+    request: Request
+    image: np.ndarray  # RGB uint8 HxWx3
+    truth: np.ndarray | None  # uint8 HxW, the image's size
+    ignore_index: int
+    tensor: np.ndarray  # the model's input, one row
+
+
+def raw_request(task: str, image: np.ndarray) -> Request:
+    """A request for ``task`` carrying a decoded RGB ``image`` as raw bytes (warm-up, tests)."""
+    height, width, channels = image.shape
+    data = ImageData(np.ascontiguousarray(image).tobytes(), True, height, width, channels)
+    return ClassifyInput(data) if task == "classification" else SegmentInput(data)
 
 
 def _onnxruntime(name: str) -> Callable[[ModelEntry, int], Backend]:
@@ -99,12 +141,14 @@ class ServedModel:
         *,
         observer: BatchObserver | None = None,
         source: object = None,
+        limits: RequestLimits = RequestLimits(),
     ) -> None:
         self.name = name
         self.version = version
         self.config = config
         self.backend = backend
         self.source = source  # what it was loaded from (the repository's change signature)
+        self.limits = limits
         inputs = {spec.name for spec in backend.inputs}
         outputs = {spec.name for spec in backend.outputs}
         if config.input.name not in inputs:
@@ -139,7 +183,26 @@ class ServedModel:
                 f"{rpc} needs a {task} model, but {self.name!r} is a {self.task} model"
             )
 
-    # -- requests ----------------------------------------------------------------------
+    # -- a request's walk: begin -> submit -> finish ------------------------------------
+    def begin(self, request: Request) -> Job:
+        """Decode and check the request's image (and ground truth), build its tensor.
+
+        CPU work: the caller runs it off the event loop. ``InvalidArgument`` for a
+        request of another task, or an input that fails its checks.
+        """
+        limit = self.limits.max_decoded_pixels
+        if isinstance(request, SegmentInput):
+            self.require_task("segmentation", "Segment")
+        else:
+            self.require_task("classification", "Classify")
+        image = decode_image(request.image, limit)
+        truth, ignore_index = None, self.config.ignore_index
+        if isinstance(request, SegmentInput) and request.truth is not None:
+            if request.ignore_index is not None:
+                ignore_index = request.ignore_index
+            truth = decode_truth(request.truth, image.shape[:2], limit)
+        return Job(request, image, truth, ignore_index, self.prepare(image))
+
     def submit(
         self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
     ) -> Future:
@@ -150,37 +213,55 @@ class ServedModel:
         """
         return self._batcher.submit(tensor, deadline, inline=inline)
 
+    def finish(self, job: Job, outputs: dict[str, np.ndarray]) -> Result:
+        """The batch's outputs for ``job`` -> its result (mask at the image's size,
+        encoded, IoU when truth was given; or probabilities and top-k). CPU work."""
+        request = job.request
+        if isinstance(request, ClassifyInput):
+            return self._finish_classify(request, outputs)
+        mask = self.finish_mask(outputs, job.image)
+        iou = None
+        if job.truth is not None:
+            iou = compute_iou(mask, job.truth, self.config.num_classes, job.ignore_index)
+        encoded = encode_mask(mask, request.mask_format)
+        return SegmentResult(mask, encoded, request.mask_format, iou, job.ignore_index)
+
+    def run(self, request: Request, deadline: float | None = None) -> Result:
+        """The whole walk in the caller's thread (offline use, synchronous servers)."""
+        job = self.begin(request)
+        return self.finish(job, wait_for(self.submit(job.tensor, deadline, inline=True), deadline))
+
+    async def run_async(
+        self, request: Request, deadline: float | None, executor: Executor | None = None
+    ) -> Result:
+        """The whole walk from a coroutine: ``begin`` and ``finish`` in ``executor`` (the
+        server's CPU pool), inference in the batcher's threads; the event loop only waits."""
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(executor, self.begin, request)
+        outputs = await wait_async(self.submit(job.tensor, deadline), deadline)
+        return await loop.run_in_executor(executor, self.finish, job, outputs)
+
     def infer(self, tensor: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Run an input tensor through the batcher and wait for its outputs."""
+        """Run an input tensor through the batcher and wait for its outputs (KServe tensors)."""
         return wait_for(self.submit(tensor, deadline, inline=True), deadline)
-
-    def classify(self, images: list[np.ndarray], deadline: float | None = None) -> np.ndarray:
-        """RGB images -> class probabilities, float32 [N, num_classes]."""
-        self.require_task("classification", "classify")
-        name = self.config.outputs["probabilities"]
-        inline = len(images) == 1
-        futures = [self.submit(self.prepare(image), deadline, inline=inline) for image in images]
-        probabilities = np.concatenate([wait_for(f, deadline)[name] for f in futures], axis=0)
-        expected = (len(images), self.config.num_classes)
-        if probabilities.shape != expected:
-            raise BackendError(
-                f"{self.name}: model returned probabilities {probabilities.shape}, expected {expected}"
-            )
-        return probabilities.astype(np.float32, copy=False)
-
-    def segment(self, images: list[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
-        """RGB images -> uint8 class masks, each at its image's original height x width."""
-        self.require_task("segmentation", "segment")
-        inline = len(images) == 1
-        futures = [self.submit(self.prepare(image), deadline, inline=inline) for image in images]
-        return [
-            self.finish_mask(wait_for(f, deadline), image)
-            for f, image in zip(futures, images, strict=True)
-        ]
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """A decoded RGB image -> the model's input tensor with one row."""
         return preprocess(image, self.config.input)[None]
+
+    def _finish_classify(
+        self, request: ClassifyInput, outputs: dict[str, np.ndarray]
+    ) -> ClassifyResult:
+        probabilities = outputs[self.config.outputs["probabilities"]]
+        expected = (1, self.config.num_classes)
+        if probabilities.shape != expected:
+            raise BackendError(
+                f"{self.name}: model returned probabilities {probabilities.shape}, expected {expected}"
+            )
+        row = probabilities[0].astype(np.float32, copy=False)
+        k = min(request.top_k or self.limits.default_top_k, self.config.num_classes)
+        labels = self.config.labels
+        return ClassifyResult(row, [(i, labels[i], s) for i, s in top_k(row, k)])
 
     def finish_mask(self, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
         """One request's outputs -> its uint8 mask at ``image``'s size (checked).
@@ -221,10 +302,7 @@ class ServedModel:
         tensor = self.prepare(image)
         for rows in sorted({1, self.config.max_batch_size}):
             self._infer_batch(np.repeat(tensor, rows, axis=0))
-        if self.task == "classification":
-            self.classify([image])
-        else:
-            self.segment([image])
+        self.run(raw_request(self.task, image))
 
     def enter(self) -> None:
         """A request starts using this model (the registry calls it under its lock)."""
@@ -269,6 +347,20 @@ def wait_for(future: Future, deadline: float | None) -> dict[str, np.ndarray]:
     try:
         return future.result(timeout)
     except FutureTimeout:
+        future.cancel()
+        raise DeadlineExceeded(
+            "the request's deadline passed while it waited for inference"
+        ) from None
+
+
+async def wait_async(future: Future, deadline: float | None) -> dict[str, np.ndarray]:
+    """``wait_for`` for coroutines: the batcher's thread completes the asyncio future
+    through ``loop.call_soon_threadsafe`` (``asyncio.wrap_future``); cancelling the
+    coroutine cancels the request (dropped before it runs if still queued)."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except TimeoutError:
         future.cancel()
         raise DeadlineExceeded(
             "the request's deadline passed while it waited for inference"

@@ -16,15 +16,19 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-import numpy as np
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
-from visionserve.server import codec
 from visionserve.server.errors import InvalidArgument, VisionServeError
-from visionserve.server.iou import compute_iou
-from visionserve.server.postprocess import top_k
 from visionserve.server.registry import ModelRegistry
-from visionserve.server.served_model import ServedModel, wait_for
+from visionserve.server.requests import (
+    ClassifyInput,
+    ClassifyResult,
+    ImageData,
+    MaskData,
+    SegmentInput,
+    SegmentResult,
+)
+from visionserve.server.served_model import Job, ServedModel, wait_for
 from visionserve.server.settings import ServerSettings
 from visionserve.server.stream import Pipeline
 
@@ -39,30 +43,21 @@ MAX_BATCH_REQUESTS = 64  # requests per SegmentBatches message
 
 
 @dataclass(frozen=True)
-class _SegmentJob:
-    """A Segment request submitted to its model's batcher, waiting for the mask."""
-
-    model: ServedModel
-    request: pb.SegmentRequest
-    image: np.ndarray
-    truth: np.ndarray | None
-    ignore_index: int
-    future: Future
-
-
-@dataclass(frozen=True)
 class _StreamItem:
-    """One SegmentStream request: begun (``job``, holding its model) or failed (``error``)."""
+    """One SegmentStream request: begun (``job`` submitted, holding ``model``) or failed."""
 
     request: pb.SegmentRequest
-    job: _SegmentJob | None = None
+    model: ServedModel | None = None
+    job: Job | None = None
+    future: Future | None = None
     error: Exception | None = None
 
 
 def _stream_discard(item: _StreamItem) -> None:
-    if item.job is not None:
-        item.job.future.cancel()
-        item.job.model.exit()
+    if item.model is not None:
+        if item.future is not None:
+            item.future.cancel()
+        item.model.exit()
 
 
 def _batch_discard(items: list[_StreamItem]) -> None:
@@ -159,26 +154,16 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     ) -> pb.ClassifyResponse:
         with self._registry.use(request.model, request.version) as model:
             model.require_task("classification", "Classify")
-            image = self._decode_image(request.image)
-            probabilities = model.classify([image], deadline_of(context))[0]
-        k = min(request.top_k or self._settings.default_top_k, model.config.num_classes)
-        labels = model.config.labels
-        return pb.ClassifyResponse(
-            model=model.name,
-            version=str(model.version),
-            request_id=request.request_id,
-            top=[
-                pb.ClassScore(index=i, label=labels[i], score=s) for i, s in top_k(probabilities, k)
-            ],
-        )
+            result = model.run(classify_input(request), deadline_of(context))
+        return classify_response(model, request, result)
 
     def _segment(
         self, request: pb.SegmentRequest, context: grpc.ServicerContext
     ) -> pb.SegmentResponse:
-        deadline = deadline_of(context)
         with self._registry.use(request.model, request.version) as model:
-            job = self._begin_segment(model, request, deadline, inline=True)
-            return self._end_segment(job, deadline)
+            model.require_task("segmentation", "Segment")
+            result = model.run(segment_input(request), deadline_of(context))
+        return segment_response(model, request, result)
 
     def _stream_begin(self, request: pb.SegmentRequest, deadline: float | None) -> _StreamItem:
         try:
@@ -186,7 +171,9 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         except Exception as exc:  # noqa: BLE001 - answered in-band
             return _StreamItem(request, error=exc)
         try:
-            return _StreamItem(request, job=self._begin_segment(model, request, deadline))
+            model.require_task("segmentation", "Segment")
+            job = model.begin(segment_input(request))
+            return _StreamItem(request, model, job, model.submit(job.tensor, deadline))
         except Exception as exc:  # noqa: BLE001 - answered in-band
             model.exit()
             return _StreamItem(request, error=exc)
@@ -203,69 +190,22 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
 
     def _batch_end(self, items: list[_StreamItem], deadline: float | None) -> pb.SegmentBatchResult:
         # One wake-up when the message's last mask is ready, not one per mask.
-        futures = [item.job.future for item in items if item.job is not None]
+        futures = [item.future for item in items if item.future is not None]
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         futures_wait(futures, timeout)
         return pb.SegmentBatchResult(responses=[self._stream_end(item, deadline) for item in items])
 
     def _stream_end(self, item: _StreamItem, deadline: float | None) -> pb.SegmentResponse:
         error = item.error
-        if item.job is not None:
+        if item.model is not None and item.job is not None and item.future is not None:
             try:
-                return self._end_segment(item.job, deadline)
+                result = item.model.finish(item.job, wait_for(item.future, deadline))
+                return segment_response(item.model, item.request, result)
             except Exception as exc:  # noqa: BLE001 - answered in-band
                 error = exc
             finally:
-                item.job.model.exit()
-        request = item.request
-        return pb.SegmentResponse(
-            model=request.model,
-            version=request.version,
-            request_id=request.request_id,
-            error_code=status_of(error).value[0],
-            error_message=message_of(error, "SegmentStream"),
-        )
-
-    def _begin_segment(
-        self,
-        model: ServedModel,
-        request: pb.SegmentRequest,
-        deadline: float | None,
-        inline: bool = False,
-    ) -> _SegmentJob:
-        """Validate, decode, and submit to the batcher (does not wait, unless ``inline``
-        lets an idle model run it in this thread: ``Batcher.submit``)."""
-        model.require_task("segmentation", "Segment")
-        if request.mask_format not in pb.MaskFormat.values():
-            raise InvalidArgument(
-                f"mask_format {request.mask_format} is unknown: expected one of {dict(pb.MaskFormat.items())}"
-            )
-        image = self._decode_image(request.image)
-        truth, ignore_index = None, model.config.ignore_index
-        if request.HasField("ground_truth"):
-            if request.HasField("ignore_index"):
-                ignore_index = request.ignore_index
-                if ignore_index > 255:
-                    raise InvalidArgument(
-                        f"ignore_index is {ignore_index}: expected 0..255 (masks are uint8)"
-                    )
-            truth = self._decode_truth(request.ground_truth, image.shape[:2])
-        future = model.submit(model.prepare(image), deadline, inline=inline)
-        return _SegmentJob(model, request, image, truth, ignore_index, future)
-
-    def _end_segment(self, job: _SegmentJob, deadline: float | None) -> pb.SegmentResponse:
-        """Wait for the batch, bring the mask to the image's size, encode, score IoU."""
-        model, request = job.model, job.request
-        mask = model.finish_mask(wait_for(job.future, deadline), job.image)
-        response = pb.SegmentResponse(
-            model=model.name,
-            version=str(model.version),
-            request_id=request.request_id,
-            mask=_encode_mask(mask, request.mask_format),
-        )
-        if job.truth is not None:
-            response.iou.CopyFrom(_iou_report(mask, job.truth, model, job.ignore_index))
-        return response
+                item.model.exit()
+        return error_response(item.request, error, "SegmentStream")
 
     def _list_models(self, request: pb.ListModelsRequest, context: object) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -288,37 +228,6 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             input_mode=config.input.mode,
             buckets=list(config.input.buckets),
         )
-
-    def _decode_image(self, image: pb.Image) -> np.ndarray:
-        limit = self._settings.max_decoded_pixels
-        kind = image.WhichOneof("data")
-        if kind == "encoded":
-            return codec.decode_image(image.encoded, limit)
-        if kind == "raw":
-            raw = image.raw
-            return codec.decode_raw_image(raw.data, raw.height, raw.width, raw.channels, limit)
-        raise InvalidArgument(
-            "image is empty: expected image.encoded (PNG, JPEG, ...) or image.raw (uint8 HWC)"
-        )
-
-    def _decode_truth(self, mask: pb.Mask, image_hw: tuple[int, int]) -> np.ndarray:
-        limit = self._settings.max_decoded_pixels
-        if mask.format == pb.MASK_FORMAT_RAW:
-            # height/width left at 0: the image's size.
-            height, width = (mask.height, mask.width) if mask.height or mask.width else image_hw
-            truth = codec.decode_raw_mask(mask.data, height, width, limit)
-        elif mask.format == pb.MASK_FORMAT_PNG:
-            truth = codec.decode_mask(mask.data, limit)
-        else:
-            raise InvalidArgument(
-                f"ground_truth.format {mask.format} is unknown: expected PNG (0) or RAW (1)"
-            )
-        if truth.shape != tuple(image_hw):
-            raise InvalidArgument(
-                f"ground truth is {truth.shape[0]}x{truth.shape[1]} (HxW) but the image is "
-                f"{image_hw[0]}x{image_hw[1]}: expected a mask of the image's size"
-            )
-        return truth
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -343,31 +252,103 @@ def unary(
         raise  # unreachable: abort raises
 
 
-def _encode_mask(mask: np.ndarray, mask_format: int) -> pb.Mask:
-    if mask_format == pb.MASK_FORMAT_RAW:
-        data = codec.encode_mask_raw(mask)
-    else:
-        data = codec.encode_mask_png(mask)
-    return pb.Mask(data=data, height=mask.shape[0], width=mask.shape[1], format=mask_format)
-
-
-def _iou_report(
-    mask: np.ndarray, truth: np.ndarray, model: ServedModel, ignore_index: int
-) -> pb.IoUReport:
-    result = compute_iou(mask, truth, model.config.num_classes, ignore_index)
-    report = pb.IoUReport(
-        mean_iou=result.mean_iou,
-        pixel_accuracy=result.pixel_accuracy,
-        scored_pixels=result.scored_pixels,
-        ignore_index=ignore_index,
+# -- translation: visionserve.v1 messages <-> requests.* ----------------------------------
+def image_data(image: pb.Image) -> ImageData:
+    """``pb.Image`` -> ``ImageData`` (``InvalidArgument`` when it holds no image)."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return ImageData(image.encoded)
+    if kind == "raw":
+        raw = image.raw
+        return ImageData(raw.data, True, raw.height, raw.width, raw.channels)
+    raise InvalidArgument(
+        "image is empty: expected image.encoded (PNG, JPEG, ...) or image.raw (uint8 HWC)"
     )
-    for index, label in enumerate(model.config.labels):
+
+
+def segment_input(request: pb.SegmentRequest) -> SegmentInput:
+    """``pb.SegmentRequest`` -> ``SegmentInput``, checking the protocol's enums."""
+    if request.mask_format not in pb.MaskFormat.values():
+        raise InvalidArgument(
+            f"mask_format {request.mask_format} is unknown: expected one of {dict(pb.MaskFormat.items())}"
+        )
+    truth, ignore_index = None, None
+    if request.HasField("ground_truth"):
+        mask = request.ground_truth
+        if mask.format not in (pb.MASK_FORMAT_PNG, pb.MASK_FORMAT_RAW):
+            raise InvalidArgument(
+                f"ground_truth.format {mask.format} is unknown: expected PNG (0) or RAW (1)"
+            )
+        truth = MaskData(mask.data, mask.format == pb.MASK_FORMAT_RAW, mask.height, mask.width)
+        if request.HasField("ignore_index"):
+            ignore_index = request.ignore_index
+    mask_format = "raw" if request.mask_format == pb.MASK_FORMAT_RAW else "png"
+    return SegmentInput(image_data(request.image), truth, ignore_index, mask_format)
+
+
+def classify_input(request: pb.ClassifyRequest) -> ClassifyInput:
+    return ClassifyInput(image_data(request.image), request.top_k)
+
+
+def classify_response(
+    model: ServedModel, request: pb.ClassifyRequest, result: ClassifyResult
+) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        model=model.name,
+        version=str(model.version),
+        request_id=request.request_id,
+        top=[pb.ClassScore(index=i, label=label, score=s) for i, label, s in result.top],
+    )
+
+
+def segment_response(
+    model: ServedModel, request: pb.SegmentRequest, result: SegmentResult
+) -> pb.SegmentResponse:
+    mask = result.mask
+    response = pb.SegmentResponse(
+        model=model.name,
+        version=str(model.version),
+        request_id=request.request_id,
+        mask=pb.Mask(
+            data=result.encoded,
+            height=mask.shape[0],
+            width=mask.shape[1],
+            format=pb.MASK_FORMAT_RAW if result.mask_format == "raw" else pb.MASK_FORMAT_PNG,
+        ),
+    )
+    if result.iou is not None:
+        response.iou.CopyFrom(_iou_report(result, model.config.labels))
+    return response
+
+
+def error_response(request: pb.SegmentRequest, error: BaseException | None, rpc: str) -> pb.SegmentResponse:
+    """A stream item's in-band failure: ``error_code`` + ``error_message``."""
+    error = error if error is not None else RuntimeError("no answer")
+    return pb.SegmentResponse(
+        model=request.model,
+        version=request.version,
+        request_id=request.request_id,
+        error_code=status_of(error).value[0],
+        error_message=message_of(error, rpc),
+    )
+
+
+def _iou_report(result: SegmentResult, labels: tuple[str, ...] | list[str]) -> pb.IoUReport:
+    iou = result.iou
+    assert iou is not None
+    report = pb.IoUReport(
+        mean_iou=iou.mean_iou,
+        pixel_accuracy=iou.pixel_accuracy,
+        scored_pixels=iou.scored_pixels,
+        ignore_index=result.ignore_index,
+    )
+    for index, label in enumerate(labels):
         report.classes.add(
             index=index,
             label=label,
-            intersection=int(result.intersection[index]),
-            union=int(result.union[index]),
-            iou=float(result.iou[index]),
-            present=bool(result.union[index] > 0),
+            intersection=int(iou.intersection[index]),
+            union=int(iou.union[index]),
+            iou=float(iou.iou[index]),
+            present=bool(iou.union[index] > 0),
         )
     return report

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from visionserve.server.requests import RequestLimits
+
 MIB = 1024 * 1024
 
 # setting name -> environment variable
@@ -159,6 +161,10 @@ class ServerSettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def request_limits(self) -> RequestLimits:
+        """The request policy every model applies (pixel limit, default top-k)."""
+        return RequestLimits(self.max_decoded_pixels, self.default_top_k)
 
     def batching_overrides(self) -> dict[str, Any]:
         """The model.yaml batching fields this server overrides (unset ones left out)."""

@@ -13,7 +13,7 @@ from visionserve.clients import VisionClient
 from visionserve.server.model_config import InputSpec, ModelConfig, ShapeProfile, bucket_ladder
 from visionserve.server.preprocess import Layout, layout, preprocess
 from visionserve.server.repository import ModelRepository
-from visionserve.server.served_model import ServedModel, load_backend
+from visionserve.server.served_model import ServedModel, load_backend, raw_request
 
 BUCKETS = (32, 48, 64)
 PROFILE = ShapeProfile(batch=(1, 4, 8), height=(16, 32, 64), width=(16, 48, 64))
@@ -167,7 +167,7 @@ def test_images_of_different_sizes_in_one_bucket_run_as_one_batch(pad_repository
     masks: list[np.ndarray | None] = [None] * len(images)
 
     def run(i: int) -> None:
-        masks[i] = model.segment([images[i]])[0]
+        masks[i] = model.run(raw_request("segmentation", images[i])).mask
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
     for thread in threads:
