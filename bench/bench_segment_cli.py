@@ -131,7 +131,7 @@ def write_images(folder: Path, count: int, size: int, classes: int) -> tuple[Pat
 
 def threads_for(instances: int, threads: int) -> int:
     """ONNX Runtime threads per instance: ``--threads``, or the server's own default."""
-    from visionserve.server.served_model import auto_threads
+    from visionserve.server.backends.registry import auto_threads
 
     return threads or auto_threads(instances)
 
@@ -145,7 +145,7 @@ def bare_capacity(
     (``input.mode``: the model's input size, or the image's shape bucket)."""
     from visionserve.server.preprocess import layout, preprocess_batch
     from visionserve.server.repository import ModelRepository
-    from visionserve.server.served_model import load_backend
+    from visionserve.server.backends.registry import load_backend
 
     entry = ModelRepository(repo).entry(model)
     spec = entry.config.input

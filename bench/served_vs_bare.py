@@ -104,7 +104,7 @@ class Bare:
     """The model's backend, called directly on a preprocessed tensor."""
 
     def __init__(self, entry, tensor: np.ndarray, intra_op_threads: int) -> None:
-        from visionserve.server.served_model import load_backend
+        from visionserve.server.backends.registry import load_backend
 
         self.backend = load_backend(entry, intra_op_threads)
         self.name = entry.config.input.name

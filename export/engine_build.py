@@ -197,7 +197,7 @@ def validate_engine(
     config = entry.config
     images = validation_images(config, samples, seed)
     batch = max(1, min(16, config.profile.batch[2]))
-    backend = TensorRTBackend(entry.directory)
+    backend = TensorRTBackend(entry.directory, device=config.device)
     try:
         start = time.perf_counter()
         candidate = run_batched(backend.infer, config.input.name, images, batch)
@@ -257,7 +257,7 @@ def build_engine(
             f"no TensorRT library importable (asked for {flavour!r}): install NVIDIA TensorRT, or "
             "TensorRT-RTX (pip install 'visionserve[tensorrt-rtx]') to build ahead of time"
         )
-    target = choose_target(trt.__name__, compute_capability, detect_gpu())
+    target = choose_target(trt.__name__, compute_capability, detect_gpu(entry.config.device))
     logger.info(
         "%s v%d: building %s engine from %s with %s %s for SM %s (%s)",
         entry.name,

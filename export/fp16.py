@@ -41,11 +41,12 @@ from visionserve.export.agreement import (
     validation_images,
 )
 from visionserve.server.model_config import ModelConfig
+from visionserve.server.repository import ONNX_FILE, ONNX_FP16_FILE
 
 logger = logging.getLogger(__name__)
 
-FP32_FILE = "model.onnx"
-FP16_FILE = "model.fp16.onnx"
+FP32_FILE = ONNX_FILE
+FP16_FILE = ONNX_FP16_FILE
 VALIDATION_FILE = "validation.json"
 VALIDATION_KEY = "fp16_onnx"
 KEEP_FP32_OPS: tuple[str, ...] = ("ArgMax", "ArgMin", "Softmax", "LogSoftmax", "TopK")

@@ -46,6 +46,7 @@ from visionserve.export.validate import (
     sample_inputs,
     validate_onnx,
 )
+from visionserve.server.backends.registry import BACKEND_NAMES
 from visionserve.server.model_config import InputSpec, ModelConfig, ShapeProfile
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ INPUT_NAME = "image"
 CLASSIFICATION_OUTPUTS = ("logits", "probabilities")
 SEGMENTATION_OUTPUTS = ("mask",)
 DEFAULT_OPSET = 17
-DEFAULT_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+DEFAULT_BACKENDS = BACKEND_NAMES  # tensorrt, onnxruntime-cuda, onnxruntime-cpu: best first
+PROFILE_MAX_BATCH = 32  # the profile's batch max, raised to max_batch_size when that is larger
 SEGMENTATION_SIZE_RANGE = (32, 512)  # min / max of the dynamic H, W profile (opt = training size)
 PAD_MODE = "replicate"  # ONNX Pad mode "edge"; see the module docstring
 
@@ -304,13 +306,14 @@ def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
     spec = metadata["input"]
     task = metadata["task"]
     height, width = int(spec["height"]), int(spec["width"])
+    batch = (1, max_batch_size, max(PROFILE_MAX_BATCH, max_batch_size))  # opt <= max always
     if task == "segmentation":
         low, high = SEGMENTATION_SIZE_RANGE
-        profile = ShapeProfile(batch=(1, max_batch_size, 32),
+        profile = ShapeProfile(batch=batch,
                                height=(min(low, height), height, max(high, height)),
                                width=(min(low, width), width, max(high, width)))
     else:
-        profile = ShapeProfile(batch=(1, max_batch_size, 32))
+        profile = ShapeProfile(batch=batch)
     return ModelConfig(
         name=name,
         task=task,

@@ -49,14 +49,37 @@ class RuntimeInfo:
     reason: str = ""  # why something is missing
 
 
+# TensorRT-RTX runs on these compute capabilities (major 12: every 12.x), not on 9.0 / 10.x
+# (H100, H200, B200): TensorRT-RTX support matrix 1.0-1.5 (7.5, 8.6, 8.9, 12.0, 12.1) and
+# "CPU-Only AOT" page (8.0, 8.6, 8.9, 12.0 and later).
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9")
+RTX_COMPUTE_MAJORS = (12,)
+# Version-compatible engines run on the same or a newer runtime of the same major, and across
+# these majors only (TensorRT 11.4 support matrix, "Engine Portability": 8 -> 10, 10 -> 11;
+# TensorRT 10 "Version Compatibility": 8 -> 9 and 10). Never on an older runtime.
+VERSION_COMPATIBLE_MAJORS = {(8, 9), (8, 10), (10, 11)}
+
+
 @dataclass(frozen=True)
 class EngineDecision:
-    """Whether to load the engine; ``reason`` says why not (or what was found)."""
+    """Whether to load the engine; ``reason`` says why not (or what was found).
+
+    ``warnings``: loadable, but worth a WARNING (e.g. another GPU model of the same
+    compute capability than the one it was built and tuned on)."""
 
     ok: bool
     reason: str
     manifest: dict[str, Any] | None = None
     plan_path: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def runs_on(flavour: str, compute_capability: str) -> bool:
+    """Whether ``flavour``'s runtime supports a GPU of ``compute_capability`` ("X.Y")."""
+    if flavour != "tensorrt_rtx":
+        return True  # full TensorRT: every current data-centre and RTX GPU
+    major = int(compute_capability.split(".")[0])
+    return compute_capability in RTX_COMPUTE_CAPABILITIES or major in RTX_COMPUTE_MAJORS
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -92,11 +115,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 def _versions_match(manifest: dict[str, Any], running: str) -> bool:
+    """Same version; or, for a version-compatible engine, a runtime at least as new of the
+    same major (or of a major TensorRT names as compatible)."""
     built = manifest["tensorrt_version"]
-    if manifest.get("build_flags", {}).get("version_compatible"):
-        return built.split(".")[0] == running.split(".")[0]
-    return built == running
+    if not manifest.get("build_flags", {}).get("version_compatible"):
+        return built == running
+    old, new = _version_tuple(built), _version_tuple(running)
+    if not old or not new or new < old:
+        return False
+    return old[0] == new[0] or (old[0], new[0]) in VERSION_COMPATIBLE_MAJORS
 
 
 def _capability_matches(manifest: dict[str, Any], running: str) -> bool:
@@ -105,6 +137,22 @@ def _capability_matches(manifest: dict[str, Any], running: str) -> bool:
     if str(level).lower() in ("ampere_plus", "ampere+"):
         return float(running) >= 8.0
     return built == running
+
+
+def _profile_problem(manifest: dict[str, Any], needs: tuple[str, tuple[int, ...]]) -> str | None:
+    """Why the engine's profile cannot take the largest input the server will send, if so."""
+    name, shape = needs
+    profile = manifest["profiles"].get(name)
+    if not isinstance(profile, dict) or "max" not in profile:
+        return f"engine.json has no optimisation profile for input {name!r}"
+    high = tuple(int(d) for d in profile["max"])
+    if len(high) != len(shape) or any(d > h for d, h in zip(shape, high, strict=True)):
+        return (
+            f"the server sends input {name!r} up to {list(shape)} (max_batch_size x largest "
+            f"image), beyond the engine profile's max {list(high)}; lower max_batch_size in "
+            "model.yaml or rebuild the engine with a larger profile"
+        )
+    return None
 
 
 def _runtime_problem(manifest: dict[str, Any], runtime: RuntimeInfo) -> str | None:
@@ -130,13 +178,18 @@ def _runtime_problem(manifest: dict[str, Any], runtime: RuntimeInfo) -> str | No
 
 
 def check_engine(
-    version_dir: Path, runtime: RuntimeInfo, *, verify_sha256: bool = True
+    version_dir: Path,
+    runtime: RuntimeInfo,
+    *,
+    verify_sha256: bool = True,
+    needs: tuple[str, tuple[int, ...]] | None = None,
 ) -> EngineDecision:
     """May ``version_dir``'s engine be deserialized on a machine described by ``runtime``?
 
     Checks, in order: engine.json present and well-formed; the plan it names exists with
-    the recorded size (and sha256); flavour, version and compute capability match. Pure
-    apart from reading the two files.
+    the recorded size (and sha256); ``needs`` (input name, largest shape the server will
+    send) lies within the engine's profile; flavour, version and compute capability match.
+    Pure apart from reading the two files.
     """
     manifest_path = Path(version_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -168,15 +221,26 @@ def check_engine(
             manifest,
             plan,
         )
-    problem = _runtime_problem(manifest, runtime)
+    problem = (_profile_problem(manifest, needs) if needs else None) or _runtime_problem(
+        manifest, runtime
+    )
     if problem is not None:
         return EngineDecision(False, problem, manifest, plan)
+    built_on = manifest.get("gpu")
+    warnings: tuple[str, ...] = ()
+    if built_on not in (None, AHEAD_OF_TIME, runtime.gpu_name):
+        warnings = (
+            f"engine tuned on {built_on}, running on {runtime.gpu_name} (same compute "
+            f"capability {runtime.compute_capability}): it loads, but its kernels were timed on "
+            "the other GPU; rebuild it here with `visionserve build` for the best speed",
+        )
     return EngineDecision(
         True,
         f"{manifest['flavour']} {manifest['tensorrt_version']} engine for "
         f"SM {manifest['compute_capability']} ({manifest['precision']}) matches this machine",
         manifest,
         plan,
+        warnings,
     )
 
 
@@ -226,7 +290,14 @@ def gpu_runtime_unavailable(flavours: tuple[str, ...] = FLAVOURS) -> str | None:
     reasons = []
     for flavour in flavours:
         info = detect_runtime(flavour)
-        if info.flavour is not None and info.compute_capability is not None:
-            return None
+        capability = info.compute_capability
+        if info.flavour is not None and capability is not None:
+            if runs_on(flavour, capability):
+                return None
+            reasons.append(
+                f"{flavour} {info.version} does not run on compute capability {capability} "
+                f"({info.gpu_name}); it runs on {', '.join(RTX_COMPUTE_CAPABILITIES)} and 12.x"
+            )
+            continue
         reasons.append(info.reason or f"{flavour}: no CUDA GPU")
     return "; ".join(reasons)

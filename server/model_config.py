@@ -13,8 +13,15 @@ from typing import Any
 
 import yaml
 
+from visionserve.server.backends.registry import BACKEND_NAMES
+
 TASKS = ("classification", "segmentation")
-KNOWN_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+PRECISIONS = ("fp32", "fp16")
+# cuDNN's convolution algorithm choice on ONNX Runtime CUDA. EXHAUSTIVE benchmarks every
+# algorithm for every new input shape (0.3-1.3 s per shape, reported 634 ms against 1.9 ms
+# with HEURISTIC); a served model sees many shapes (batch sizes x shape buckets), so the
+# default asks cuDNN's heuristics instead. EXHAUSTIVE suits a model served at few shapes.
+CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,10 @@ class ModelConfig:
     backends: tuple[str, ...] = ("onnxruntime-cpu",)
     # CUDA device index for the GPU backends (tensorrt, onnxruntime-cuda).
     device: int = 0
+    # ONNX Runtime backends: "fp16" serves model.fp16.onnx (`visionserve build
+    # --fp16-onnx-only` writes and validates it) instead of model.onnx.
+    precision: str = "fp32"
+    cudnn_conv_algo_search: str = "HEURISTIC"
     ignore_index: int = 255
 
     def __post_init__(self) -> None:
@@ -143,10 +154,17 @@ class ModelConfig:
             raise ValueError(f"instances must be at least 1, got {self.instances}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
-        unknown = [b for b in self.backends if b not in KNOWN_BACKENDS]
+        unknown = [b for b in self.backends if b not in BACKEND_NAMES]
         if unknown or not self.backends:
             raise ValueError(
-                f"backends must be a non-empty list from {KNOWN_BACKENDS}, got {list(self.backends)}"
+                f"backends must be a non-empty list from {BACKEND_NAMES}, got {list(self.backends)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCHES:
+            raise ValueError(
+                f"cudnn_conv_algo_search must be one of {CUDNN_CONV_ALGO_SEARCHES}, "
+                f"got {self.cudnn_conv_algo_search!r}"
             )
         if self.device < 0:
             raise ValueError(f"device must be >= 0 (a CUDA device index), got {self.device}")
@@ -179,6 +197,15 @@ class ModelConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    def max_input_shape(self) -> tuple[int, int, int, int]:
+        """The largest input tensor the server sends: ``max_batch_size`` rows at the largest
+        bucket (pad mode) or at the input size (resize mode). A backend with a fixed
+        capacity (a TensorRT engine's profile) must take it, or be refused at load."""
+        spec = self.input
+        side = max(spec.buckets) if spec.mode == "pad" else None
+        height, width = (side, side) if side else (spec.height, spec.width)
+        return (self.max_batch_size, 3, height, width)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

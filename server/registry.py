@@ -26,8 +26,9 @@ from visionserve.server.repository import (
     check_model_name,
     parse_version,
 )
+from visionserve.server.backends.registry import load_backend
 from visionserve.server.requests import RequestLimits
-from visionserve.server.served_model import ServedModel, load_backend
+from visionserve.server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 def signature(entry: ModelEntry) -> tuple[int, ...]:
     """What identifies the files of one version: mtimes and sizes of model.yaml and the model."""
     config = entry.directory.parent / "model.yaml"
-    stats = [config.stat(), entry.onnx_path.stat()]
+    stats = [p.stat() for p in (config, entry.onnx_path) if p.exists()]  # fp16: maybe not yet
     return tuple(v for s in stats for v in (s.st_mtime_ns, s.st_size))
 
 

@@ -22,6 +22,8 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 CONFIG_FILE = "model.yaml"
 ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+ONNX_FILES = {"fp32": ONNX_FILE, "fp16": ONNX_FP16_FILE}  # by model.yaml `precision`
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class ModelEntry:
 
     @property
     def onnx_path(self) -> Path:
-        return self.directory / ONNX_FILE
+        """The ONNX model the ONNX Runtime backends serve: model.onnx, or model.fp16.onnx
+        for ``precision: fp16``."""
+        return self.directory / ONNX_FILES[self.config.precision]
 
 
 def check_model_name(name: str) -> str:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -34,7 +32,6 @@ from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.postprocess import mask_to_image, top_k
 from visionserve.server.preprocess import layout, preprocess
-from visionserve.server.repository import ModelEntry
 from visionserve.server.requests import (
     ClassifyInput,
     ClassifyResult,
@@ -69,64 +66,6 @@ def raw_request(task: str, image: np.ndarray) -> Request:
     height, width, channels = image.shape
     data = ImageData(np.ascontiguousarray(image).tobytes(), True, height, width, channels)
     return ClassifyInput(data) if task == "classification" else SegmentInput(data)
-
-
-def _onnxruntime(name: str) -> Callable[[ModelEntry, int], Backend]:
-    def factory(entry: ModelEntry, intra_op_threads: int) -> Backend:
-        from visionserve.server.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(
-            entry.onnx_path,
-            name=name,
-            intra_op_threads=intra_op_threads or auto_threads(entry.config.instances),
-            device=entry.config.device,
-        )
-
-    return factory
-
-
-def auto_threads(instances: int) -> int:
-    """ONNX Runtime threads per instance when none are set: the usable cores shared out.
-
-    ONNX Runtime's own default (every core per session) oversubscribes as soon as a
-    model has several instances: measured on 2 cores, the demo UNet at 256x256 ran at
-    126 images/s with 2 instances x 1 thread, 113 with 1 instance x 2 threads.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, instances))
-
-
-def _tensorrt(entry: ModelEntry, intra_op_threads: int) -> Backend:
-    try:
-        from visionserve.server.backends.tensorrt import TensorRTBackend  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RuntimeError(f"the TensorRT backend is not available here ({exc})") from exc
-    return TensorRTBackend(entry.directory, device=entry.config.device)
-
-
-# backend name (model.yaml `backends`) -> factory(entry, intra_op_threads)
-BACKEND_FACTORIES: dict[str, Callable[[ModelEntry, int], Backend]] = {
-    "tensorrt": _tensorrt,
-    "onnxruntime-cuda": _onnxruntime("onnxruntime-cuda"),
-    "onnxruntime-cpu": _onnxruntime("onnxruntime-cpu"),
-}
-
-
-def load_backend(entry: ModelEntry, intra_op_threads: int = 0) -> Backend:
-    """Try the model's ``backends`` in order; the first that loads wins (logged)."""
-    failures = []
-    for name in entry.config.backends:
-        try:
-            backend = BACKEND_FACTORIES[name](entry, intra_op_threads)
-        except Exception as exc:  # noqa: BLE001 - each failure is reported below
-            log.info("%s v%d: backend %s not used: %s", entry.name, entry.version, name, exc)
-            failures.append(f"{name}: {exc}")
-            continue
-        log.info("%s v%d: using backend %s", entry.name, entry.version, name)
-        return backend
-    raise RuntimeError(
-        f"{entry.name} v{entry.version}: no backend could load it: " + "; ".join(failures)
-    )
 
 
 class ServedModel:

@@ -10,10 +10,18 @@ Reusable by every test package (server, clients):
   ``health_stub``: one server per test session.
 - ``start_server``: a factory for a private server (``start_server(**settings)``),
   stopped after the test, for tests that stop or reconfigure it.
+
+GPU gating lives here, once: a test marked ``gpu`` (a CUDA GPU), ``onnxruntime_cuda``
+(ONNX Runtime with CUDAExecutionProvider) or ``tensorrt`` (a TensorRT runtime that runs
+on this GPU) is skipped, with the reason, where that is missing. ``VISIONSERVE_REQUIRE_GPU=1``
+(the GPU machine, ``scripts/gpu-check.sh``) runs them regardless, so a missing GPU or
+runtime is a failure there, not a skip.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +38,35 @@ from visionserve.server.app import VisionServer, create_server
 from visionserve.server.settings import ServerSettings
 
 TEST_MAX_PIXELS = 4_000_000
+REQUIRE_GPU = os.environ.get("VISIONSERVE_REQUIRE_GPU") == "1"
+
+
+@functools.cache
+def _missing(mark: str) -> str | None:
+    """Why a test marked ``mark`` cannot run here (None: it can)."""
+    from visionserve.server.engine_compat import detect_gpu, gpu_runtime_unavailable
+
+    if mark == "gpu":
+        name, _, reason = detect_gpu(0)
+        return None if name is not None else f"needs a CUDA GPU: {reason}"
+    if mark == "onnxruntime_cuda":
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            return f"needs onnxruntime-gpu: this onnxruntime build offers {providers}"
+        return None
+    reason = gpu_runtime_unavailable()  # "tensorrt"
+    return None if reason is None else f"needs TensorRT and a GPU it runs on: {reason}"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip GPU-marked tests where their hardware or runtime is missing (see above)."""
+    if REQUIRE_GPU:
+        return
+    for mark in ("gpu", "onnxruntime_cuda", "tensorrt"):
+        if item.get_closest_marker(mark) is not None and (reason := _missing(mark)):
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,16 @@ class Backend(Protocol):
     name: str  # e.g. "onnxruntime-cpu"
 
     @property
+    def device(self) -> str:
+        """Where it runs, as loaded: "cpu", "cuda:0" or "cuda:0 (NVIDIA H200)"."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """The precision of the model it runs: "fp32" or "fp16"."""
+        ...
+
+    @property
     def inputs(self) -> list[TensorSpec]: ...
 
     @property

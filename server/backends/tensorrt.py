@@ -3,15 +3,20 @@
 Loaded from a repository version folder holding ``engine.json`` + the plan it names
 (written by ``visionserve build``). Before anything is deserialized,
 :func:`visionserve.server.engine_compat.check_engine` compares the manifest with the
-running TensorRT and GPU; a mismatch raises :class:`EngineIncompatible`, so the server's
-backend loader falls back to the next backend (the version's ONNX model), logging why.
+running TensorRT and GPU, and the engine's profile with the largest input the server will
+send (``max_input_shape``: max_batch_size rows of the largest image); a mismatch raises
+:class:`EngineIncompatible`, so the server's backend loader falls back to the next backend
+(the version's ONNX model), logging why at WARNING.
 
-Per instance: device buffers (``cudaMalloc``) and pinned host buffers (``cudaMallocHost``)
-sized for the profile's max shapes are allocated once and bound with
-``set_tensor_address``; each ``infer`` sets the input shapes, copies in on the instance's
-stream, runs ``execute_async_v3`` and copies out. One lock serialises ``infer`` (one
-context). ``tensorrt`` / ``tensorrt_rtx`` and ``cuda.bindings`` are imported lazily, so
-this module imports on a machine without them.
+Device buffers (``cudaMalloc``) and pinned host buffers (``cudaMallocHost``) sized for the
+profile's max shapes are allocated once and bound with ``set_tensor_address``; each
+``infer`` sets the input shapes, copies in on the backend's non-blocking stream (it does
+not synchronise with the legacy default stream), runs ``execute_async_v3`` and copies out.
+**One execution context: a model's ``instances`` share it behind one lock**, so TensorRT
+batches run one at a time on the GPU (its kernels already fill the GPU at server batch
+sizes; contexts running concurrently would each need an optimisation profile of their
+own, and ``visionserve build`` builds one). ``tensorrt`` / ``tensorrt_rtx`` and
+``cuda.bindings`` are imported lazily, so this module imports on a machine without them.
 
 Verified here: imports and the refusal path (CPU-only CI). The GPU path follows the
 TensorRT 10 Python API (``IExecutionContext.set_input_shape``/``set_tensor_address``/
@@ -57,6 +62,19 @@ def _check(result: tuple[Any, ...], what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _native_handle(stream: Any) -> int:
+    """The address of a cuda-python stream, for TensorRT's ``execute_async_v3``.
+
+    cuda-bindings 13 deprecates ``int(obj)`` for this in favour of
+    ``cuda.bindings.utils.get_cuda_native_handle`` (13.0.0 release notes); older
+    cuda-bindings have only ``int``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(stream)
+    return int(get_cuda_native_handle(stream))
+
+
 _LOGGERS: dict[str, Any] = {}
 
 
@@ -100,18 +118,37 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(
-        self, version_dir: Path, *, device: int = 0, runtime: RuntimeInfo | None = None
+        self,
+        version_dir: Path,
+        *,
+        device: int = 0,
+        runtime: RuntimeInfo | None = None,
+        input_name: str = "image",
+        max_input_shape: tuple[int, ...] | None = None,
+        instances: int = 1,
     ) -> None:
         version_dir = Path(version_dir)
         flavour = self._flavour(version_dir)
         runtime = runtime or detect_runtime(flavour, device)
-        decision = check_engine(version_dir, runtime)
+        needs = (input_name, tuple(max_input_shape)) if max_input_shape else None
+        decision = check_engine(version_dir, runtime, needs=needs)
         if not decision.ok:
             raise EngineIncompatible(
                 f"TensorRT engine in {version_dir} not loaded: {decision.reason}"
             )
         log.info("%s: %s", version_dir, decision.reason)
+        for warning in decision.warnings:
+            log.warning("%s: %s", version_dir, warning)
+        if instances > 1:
+            log.warning(
+                "%s: %d instances share one TensorRT execution context: batches run one at "
+                "a time (set instances: 1 for a TensorRT model)",
+                version_dir,
+                instances,
+            )
         self.path = decision.plan_path
+        self.device = f"cuda:{device} ({runtime.gpu_name})"
+        self.precision = str(decision.manifest["precision"]) if decision.manifest else "fp32"
         self._lock = threading.Lock()
         self._bindings: dict[str, _Binding] = {}
         self._stream: Any = None
@@ -147,7 +184,10 @@ class TensorRTBackend:
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise RuntimeError(f"{self.path}: could not create an execution context (GPU memory?)")
-        self._stream = _check(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream = _check(
+            self._cudart.cudaStreamCreateWithFlags(self._cudart.cudaStreamNonBlocking),
+            "cudaStreamCreateWithFlags(cudaStreamNonBlocking)",
+        )
         self._describe_tensors()
         self._allocate()
 
@@ -247,7 +287,7 @@ class TensorRTBackend:
             )  # per thread
             for name, array in feeds.items():
                 self._stage_input(self._bindings[name], array)
-            if not self._context.execute_async_v3(int(self._stream)):
+            if not self._context.execute_async_v3(_native_handle(self._stream)):
                 raise RuntimeError(f"tensorrt: execute_async_v3 failed for {self.path}")
             shapes = {}
             for b in self._bindings.values():

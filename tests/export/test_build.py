@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,10 +26,6 @@ from visionserve.server.model_config import ModelConfig
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(
     not HAS_RTX, reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)"
-)
-_NO_GPU = None if os.environ.get("VISIONSERVE_REQUIRE_GPU") == "1" else gpu_runtime_unavailable()
-skip_without_gpu = pytest.mark.skipif(
-    _NO_GPU is not None, reason=f"needs TensorRT and a CUDA GPU: {_NO_GPU}"
 )
 
 
@@ -138,7 +133,6 @@ def test_timing_cache_is_recorded_as_unused_with_rtx(repository: Path, tmp_path:
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@skip_without_gpu
 def test_timing_cache_is_written_and_reused_with_full_tensorrt(
     repository: Path, tmp_path: Path
 ) -> None:
@@ -213,7 +207,6 @@ def test_choose_target() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@skip_without_gpu
 @pytest.mark.parametrize("name", [CLASSIFIER, SEGMENTER])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_local_gpu_engine_validates_and_promotes_tensorrt(

@@ -55,3 +55,15 @@ def test_parser_validates_paths(tmp_path: Path) -> None:
               "--val", str(tmp_path), "--out", str(tmp_path / "c")])
     with pytest.raises(SystemExit):
         main(["generate", "--out", str(tmp_path), "--count", "0"])
+
+
+def test_export_max_batch_size_above_the_default_profile(tmp_path: Path, classifier_checkpoint: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-batch-size 40 once made the profile (1, 40, 32), refused as opt > max."""
+    code = main(["export", "--checkpoint", str(classifier_checkpoint), "--repository", str(tmp_path / "r"),
+                 "--name", "m", "--max-batch-size", "40", "--no-tensorrt-check"])
+    assert code == 0, capsys.readouterr().err
+    config = ModelConfig.load(tmp_path / "r/m/model.yaml")
+    assert config.max_batch_size == 40
+    assert config.profile.batch == (1, 40, 40)
+    assert config.max_input_shape()[0] <= config.profile.batch[2]

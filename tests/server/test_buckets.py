@@ -13,7 +13,8 @@ from visionserve.clients import VisionClient
 from visionserve.server.model_config import InputSpec, ModelConfig, ShapeProfile, bucket_ladder
 from visionserve.server.preprocess import Layout, layout, preprocess
 from visionserve.server.repository import ModelRepository
-from visionserve.server.served_model import ServedModel, load_backend, raw_request
+from visionserve.server.backends.registry import load_backend
+from visionserve.server.served_model import ServedModel, raw_request
 
 BUCKETS = (32, 48, 64)
 PROFILE = ShapeProfile(batch=(1, 4, 8), height=(16, 32, 64), width=(16, 48, 64))

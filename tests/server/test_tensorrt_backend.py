@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import make_models
@@ -29,13 +29,9 @@ from visionserve.server.engine_compat import (
 )
 from visionserve.server.model_config import ShapeProfile
 from visionserve.server.repository import ModelRepository
-from visionserve.server.served_model import load_backend
+from visionserve.server.backends.registry import load_backend
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-_NO_GPU = None if os.environ.get("VISIONSERVE_REQUIRE_GPU") == "1" else gpu_runtime_unavailable()
-skip_without_gpu = pytest.mark.skipif(
-    _NO_GPU is not None, reason=f"needs TensorRT and a CUDA GPU: {_NO_GPU}"
-)
 _H, _W = make_models.CLASSIFIER_HW
 PROFILE = ShapeProfile(batch=(1, 2, 4), height=(_H, _H, _H), width=(_W, _W, _W))
 
@@ -115,7 +111,7 @@ def test_loader_falls_back_to_onnx_and_logs_why(
 def test_ahead_of_time_engine_is_refused_here_and_served_by_onnx(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if _NO_GPU is None:
+    if gpu_runtime_unavailable() is None:
         pytest.skip("a GPU is present: the engine may well be loadable here")
     from visionserve.export.engine_build import build_engine
 
@@ -143,7 +139,6 @@ def gpu_engine_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@skip_without_gpu
 def test_engine_matches_onnxruntime_for_every_batch_size(gpu_engine_dir: Path) -> None:
     from visionserve.server.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -170,7 +165,6 @@ def test_engine_matches_onnxruntime_for_every_batch_size(gpu_engine_dir: Path) -
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@skip_without_gpu
 def test_loader_prefers_a_valid_local_engine(gpu_engine_dir: Path) -> None:
     entry = ModelRepository(gpu_engine_dir.parent.parent).entry("tiny-classifier")
     backend = load_backend(entry)
@@ -178,3 +172,14 @@ def test_loader_prefers_a_valid_local_engine(gpu_engine_dir: Path) -> None:
         assert backend.name == "tensorrt"
     finally:
         backend.close()
+
+
+def test_stream_handle_without_the_deprecated_int() -> None:
+    """cuda-bindings 13 deprecates int(stream); the handle comes from get_cuda_native_handle."""
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    from visionserve.server.backends.tensorrt import _native_handle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DeprecationWarning would fail here
+        assert _native_handle(cudart.cudaStream_t(0x1234)) == 0x1234
+    assert cudart.cudaStreamNonBlocking  # the flag the backend creates its stream with

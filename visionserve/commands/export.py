@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from visionserve.commands._args import existing_file
+from visionserve.server.backends.registry import BACKEND_NAMES
 
 NAME = "export"
 HELP = "Export a checkpoint to ONNX, audit it for TensorRT, validate it and write a model repository entry"
-_DEFAULT_BACKENDS = "tensorrt,onnxruntime-cuda,onnxruntime-cpu"
+_DEFAULT_BACKENDS = ",".join(BACKEND_NAMES)  # best first
 
 
 def _share(text: str) -> float:
