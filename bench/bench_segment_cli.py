@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pinning import on_cpus  # noqa: E402 - the bench folder is not a package
+from _backend import bare_line, served_line  # noqa: E402 - the bench folder is not a package
+from _pinning import on_cpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("background", "a", "b", "c")
@@ -155,6 +156,7 @@ def bare_capacity(
     for instances in args.instance_counts:
         threads = threads_for(instances, args.threads)
         backend = load_backend(entry, threads)
+        print(f"  {bare_line(backend)} ({instances} instance(s) x {threads} thread(s))")
         try:
             for batch in batch_sizes:
                 feeds = {spec.name: preprocess_batch([image] * batch, spec)}
@@ -252,6 +254,7 @@ def cli_rate(
     with on_cpus(os.getpid(), placement.server):  # the server inherits them
         server, port = start_server(repo, args, config)
     try:
+        print(f"  {served_line(f'127.0.0.1:{port}', model)}")
         command = ["segment", str(images), "--server", f"127.0.0.1:{port}", "--model", model]
         command += ["--gt", str(gts), "--no-progress", *args.cli_args]
         with on_cpus(os.getpid(), placement.client):

@@ -45,6 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _backend import bare_line, served_line
 from _pinning import pinned
 
 
@@ -401,6 +402,7 @@ def main() -> int:
         tensor = preprocess(image, spec)[None].astype(np.float32)
         print(f"model {model} v{entry.version} ({entry.config.task}), input {list(tensor.shape)}")
         bare = Bare(entry, tensor, args.intra_op_threads)
+        print(bare_line(bare.backend))
         sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= args.max_batch]
         sweep = {b: bare.rate(b, max(1.0, args.seconds / 2)) for b in sizes}
         for size, rate in sweep.items():
@@ -408,6 +410,7 @@ def main() -> int:
         args.best = max(sweep, key=sweep.get)
         process, port = start_server(repository, args.best, args)
         address = f"127.0.0.1:{port}"
+        print(served_line(address, model, bare.backend))
         kserve = request_bytes("kserve", model, entry.config.task, spec.name, tensor, image)
         clients = Clients(address, model, entry.config, tensor, image, args)
         meter = CpuMeter(

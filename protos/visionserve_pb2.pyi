@@ -179,7 +179,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size", "input_mode", "buckets")
+    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size", "input_mode", "buckets", "device", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     INPUT_MODE_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -204,4 +206,6 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     input_mode: str
     buckets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., input_mode: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+    device: str
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., input_mode: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...

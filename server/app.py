@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
+from visionserve.server.backends.registry import describe
 from visionserve.server.interceptors import (
     DrainInterceptor,
     MetricsInterceptor,
@@ -225,7 +226,9 @@ def _load(handle: VisionServer, settings: ServerSettings) -> None:
     names = list(settings.load_models) or None if settings.model_control == "explicit" else None
     handle.registry.load_all(repository, names)
     for name in handle.registry.names():
-        log.info("model %s ready (versions %s)", name, handle.registry.versions(name))
+        for version in handle.registry.versions(name):
+            backend = handle.registry.get(name, str(version)).backend
+            log.info("model %s v%d ready on %s", name, version, describe(backend))
     if settings.model_control == "poll":
         handle.start_polling(repository, settings.poll_interval_s)
 

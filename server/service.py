@@ -223,6 +223,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             input_height=config.input.height,
             input_width=config.input.width,
             backend=model.backend.name,
+            device=model.backend.device,
+            precision=model.backend.precision,
             ignore_index=config.ignore_index,
             max_batch_size=config.max_batch_size,
             input_mode=config.input.mode,

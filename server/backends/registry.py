@@ -90,15 +90,18 @@ def load_backend(entry: ModelEntry, intra_op_threads: int = 0) -> Backend:
         lost_gpu = name not in GPU_BACKENDS and any(t in GPU_BACKENDS for t in tried)
         log.log(
             logging.WARNING if lost_gpu else logging.INFO,
-            "%s v%d: serving on backend %s, device %s, precision %s%s",
+            "%s v%d: serving on %s%s",
             entry.name,
             entry.version,
-            name,
-            backend.device,
-            backend.precision,
+            describe(backend),
             f" (fell back from {', '.join(tried)})" if tried else "",
         )
         return backend
     raise RuntimeError(
         f"{entry.name} v{entry.version}: no backend could load it: " + "; ".join(failures)
     )
+
+
+def describe(backend: Backend) -> str:
+    """"onnxruntime-cuda on cuda:0, fp16": what a log line or a bench prints of a backend."""
+    return f"{backend.name} on {backend.device}, {backend.precision}"

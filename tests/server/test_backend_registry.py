@@ -49,8 +49,8 @@ def test_a_fallback_from_a_gpu_backend_is_a_warning(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("backend onnxruntime-cuda not used" in m and "CUDAExecutionProvider" in m
                for m in warnings), warnings
-    assert any("serving on backend onnxruntime-cpu, device cpu, precision fp32 "
-               "(fell back from onnxruntime-cuda)" in m for m in warnings), warnings
+    assert any("serving on onnxruntime-cpu on cpu, fp32 (fell back from onnxruntime-cuda)" in m
+               for m in warnings), warnings
 
 
 def test_a_cpu_model_loads_without_warnings(
@@ -60,7 +60,7 @@ def test_a_cpu_model_loads_without_warnings(
     with caplog.at_level(logging.INFO, logger="visionserve.server.backends.registry"):
         load_backend(ModelRepository(tmp_path).entry("seg"), 1).close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert "serving on backend onnxruntime-cpu, device cpu, precision fp32" in caplog.text
+    assert "serving on onnxruntime-cpu on cpu, fp32" in caplog.text
 
 
 def _engine_with_profile(version_dir: Path, max_batch: int) -> None:
@@ -98,3 +98,14 @@ def test_max_batch_size_beyond_the_engine_profile_falls_back_to_onnx(
                    and "profile's max [4, 3, 32, 32]" in m for m in warned), warned
     finally:
         registry.close()
+
+
+def test_startup_log_names_backend_device_and_precision_of_every_version(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="visionserve.server.app"):
+        start_server()
+    for name, version in (("tiny-classifier", 1), ("tiny-classifier", 2), ("tiny-segmenter", 1)):
+        assert (
+            f"model {name} v{version} ready on onnxruntime-cpu on cpu, fp32" in caplog.text
+        )

@@ -81,6 +81,7 @@ def test_list_models(vision_stub) -> None:
     assert (seg.input_mode, list(seg.buckets)) == ("resize", [])
     assert list(seg.labels) == list(make_models.LABELS)
     assert seg.backend == "onnxruntime-cpu" and seg.ignore_index == 255 and seg.max_batch_size == 4
+    assert (seg.device, seg.precision) == ("cpu", "fp32")
 
 
 def test_get_model_by_version(vision_stub) -> None:
