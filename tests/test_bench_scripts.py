@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +23,42 @@ def test_bench_script_starts_and_documents_its_options(script: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--repository" in done.stdout and "--model" in done.stdout
+
+
+ROOT = BENCH.parent
+
+
+def test_gpu_check_parses_its_options() -> None:
+    script = ROOT / "scripts" / "gpu-check.sh"
+    done = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "VISIONSERVE_REQUIRE_GPU=1" in done.stdout
+    for bad, message in ((["--bogus"], "unknown argument --bogus"),
+                         (["--budget", "soon"], "--budget must be whole seconds")):
+        done = subprocess.run(["bash", str(script), *bad], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and message in done.stderr
+    for args in (["models", "--help"], ["figures", "--help"]):
+        done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "--out" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "figures", "--out", "x",
+                           "--iters", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--iters must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu-check.sh --cpu: the GPU call's steps with the CPU provider, small models
+    (5 min on 2 shared cores; ~1 min alone), so the one GPU call runs code that already ran."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--cpu", "--out",
+                           str(tmp_path / "out"), "--budget", "1500"],
+                          capture_output=True, text=True, timeout=1600, env=env)
+    log = (tmp_path / "out" / "gpu-check.log").read_text()
+    assert done.returncode == 0, log[-4000:]
+    assert "FAILED" not in log
+    figures = json.loads((tmp_path / "out" / "figures.json").read_text())
+    assert figures["resnet50_speed"]["backend_fp16"] == "onnxruntime-cpu on cpu, fp16"
+    assert figures["unet_agreement"]["fp16_vs_fp32_on_cpu"]["mask_agreement"] > 0.9
+    assert set(figures["unet_shapes"]) == {"shapes", "HEURISTIC", "EXHAUSTIVE"}
+    assert "served backend: onnxruntime-cpu on cpu, fp32" in log

@@ -49,3 +49,17 @@ def build_model(architecture: str, *, num_classes: int, **arch_kwargs: Any) -> A
     if architecture not in _BUILDERS:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(_BUILDERS)}")
     return ARCHITECTURES[architecture](num_classes=num_classes, **arch_kwargs)
+
+
+def randomise_batchnorm(model: Any) -> Any:
+    """Non-trivial BatchNorm statistics (random-weight models exercised at real scales: the
+    zoo export tests, ``bench/gpu_check.py``); returns the model in eval mode."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.0)
+            module.bias.data.uniform_(-0.1, 0.1)
+    return model.eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 from visionserve.export.checkpoint import write_metadata
-from visionserve.export.models import build_model
+from visionserve.export.models import build_model, randomise_batchnorm
 from visionserve.export.onnx_export import ExportOptions, export_checkpoint
 from visionserve.server.model_config import ModelConfig
 
@@ -31,24 +31,13 @@ ZOO = {  # architecture -> (arch_kwargs, input size): small channels where the b
 }
 
 
-def _randomise_batchnorm(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so the exported graph is exercised at real scales."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.0)
-            module.bias.data.uniform_(-0.1, 0.1)
-    return model.eval()
-
-
 def _checkpoint(directory: Path, architecture: str) -> Path:
     arch_kwargs, size = ZOO.get(architecture, ({}, 64))
     metadata = {"architecture": architecture, "arch_kwargs": arch_kwargs, "labels": LABELS,
                 "input": {"height": size, "width": size}}
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = _randomise_batchnorm(build_model(architecture, num_classes=len(LABELS), **arch_kwargs))
+    model = randomise_batchnorm(build_model(architecture, num_classes=len(LABELS), **arch_kwargs))
     torch.save(model.state_dict(), directory / "model.pth")
     write_metadata(directory / "model.json", metadata)
     return directory / "model.pth"
