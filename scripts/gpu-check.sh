@@ -32,7 +32,7 @@ set -uo pipefail
 DEVICE=cuda
 OUT_DIR=${OUT:-/tmp/gpu-check}
 WHEELS=${GPU_WHEELS:-/tmp/gpuw}
-BUDGET=460
+BUDGET=500
 PY=${PYTHON:-python3}
 usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -97,21 +97,21 @@ print("GPU:", detect_gpu(0), "| TensorRT runtime:", gpu_runtime_unavailable() or
 PY
 
 step "3 pytest: GPU tests with VISIONSERVE_REQUIRE_GPU=$FORCE, then the tensorrt tests unforced"
-t=$(cap 150) && { VISIONSERVE_REQUIRE_GPU=$FORCE timeout "$t" "$PY" -m pytest -p no:cacheprovider -q -rs \
+t=$(cap 120) && { VISIONSERVE_REQUIRE_GPU=$FORCE timeout "$t" "$PY" -m pytest -p no:cacheprovider -q -rs \
   -m "(gpu or onnxruntime_cuda) and not tensorrt" \
   tests/server/test_onnxruntime_backend.py tests/server/test_backend_registry.py || failed "GPU tests"; }
 t=$(cap 60) && { timeout "$t" "$PY" -m pytest -p no:cacheprovider -q -rs -m tensorrt \
   tests/server/test_tensorrt_backend.py tests/export/test_build.py; rc=$?; [ $rc = 0 ] || [ $rc = 5 ] || failed "tensorrt tests (rc $rc)"; }
 
 step "4 models: ResNet-50 and UNet, random weights, backends $BACKEND only, + model.fp16.onnx"
-t=$(cap 200) && { timeout "$t" "$PY" bench/gpu_check.py models --out "$WORK" --backend "$BACKEND" "${QUICK[@]}" || failed "models"; }
+t=$(cap 240) && { timeout "$t" "$PY" bench/gpu_check.py models --out "$WORK" --backend "$BACKEND" "${QUICK[@]}" || failed "models"; }
 
 step "5 figures ($DEVICE)"
 t=$(cap 200) && { timeout "$t" "$PY" bench/gpu_check.py figures --out "$WORK" --device "$DEVICE" "${QUICK[@]}" || failed "figures"; }
 cp "$WORK/figures.json" "$OUT_DIR/" 2>/dev/null
 
 step "6 served vs bare on $DEVICE: ResNet-50 (bench/served_vs_bare.py)"
-t=$(cap 150) && { timeout "$t" "$PY" bench/served_vs_bare.py --repository "$WORK/repository" --model resnet50 \
+t=$(cap 120) && { timeout "$t" "$PY" bench/served_vs_bare.py --repository "$WORK/repository" --model resnet50 \
   --intra-op-threads 0 "${SERVED[@]}" || failed "served_vs_bare"; }
 
 step "done in $((SECONDS - T0)) s: status $STATUS; log and figures.json in $OUT_DIR"
