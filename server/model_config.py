@@ -45,7 +45,9 @@ class ShapeProfile:
                 )
 
 
-INPUT_MODES = ("resize", "pad")
+INPUT_MODES = ("resize", "pad", "resize_crop")
+# torchvision's classification eval transforms: Resize(256) + CenterCrop(224)
+RESIZE_CROP_RATIO = 256 / 224
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class InputSpec:
       images of nearby sizes share a tensor shape and batch together; the mask is
       cropped back. An image larger than the largest bucket is first scaled down (aspect
       kept) to fit it. For segmenters with a dynamic H, W (``profile.height/width``).
+    - ``resize_crop``: torchvision's eval transforms (classifiers trained with them):
+      the short side resized to ``resize_size`` (bilinear, antialiased), then the centre
+      ``height`` x ``width`` cropped. ``resize_size`` defaults to ``height``, ``width``'s
+      larger side x 256 / 224 (Resize(256) + CenterCrop(224) scaled to the input size).
     """
 
     name: str = "image"
@@ -69,6 +75,7 @@ class InputSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     mode: str = "resize"
     buckets: tuple[int, ...] = ()  # pad mode: bucket sides in pixels (default: from the profile)
+    resize_size: int | None = None  # resize_crop mode: the short side before the crop
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -77,6 +84,7 @@ class InputSpec:
             )
         if self.mode not in INPUT_MODES:
             raise ValueError(f"input.mode must be one of {INPUT_MODES}, got {self.mode!r}")
+        self._check_resize_size()
         buckets = tuple(int(b) for b in self.buckets)
         object.__setattr__(self, "buckets", buckets)
         if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
@@ -90,6 +98,25 @@ class InputSpec:
                 raise ValueError(f"input.{key} needs 3 values (R, G, B), got {list(value)}")
         if any(s <= 0 or not math.isfinite(s) for s in self.std):
             raise ValueError(f"input.std values must be positive, got {list(self.std)}")
+
+    def _check_resize_size(self) -> None:
+        """resize_crop: ``resize_size`` (default from the 256/224 ratio) covers the crop."""
+        if self.mode != "resize_crop":
+            if self.resize_size is not None:
+                raise ValueError(
+                    f"input.resize_size ({self.resize_size}) is used by input.mode "
+                    f"'resize_crop' only, and the mode is {self.mode!r}: remove it or set "
+                    f"input.mode: resize_crop"
+                )
+            return
+        crop = max(self.height, self.width)
+        size = self.resize_size if self.resize_size is not None else round(crop * RESIZE_CROP_RATIO)
+        object.__setattr__(self, "resize_size", int(size))
+        if size < crop:
+            raise ValueError(
+                f"input.resize_size must be at least the crop's larger side {crop} "
+                f"(input.height x input.width {self.height}x{self.width}), got {size}"
+            )
 
 
 def bucket_ladder(low: int, high: int) -> tuple[int, ...]:
@@ -169,6 +196,11 @@ class ModelConfig:
         if self.device < 0:
             raise ValueError(f"device must be >= 0 (a CUDA device index), got {self.device}")
         self._check_buckets()
+        if self.input.mode == "resize_crop" and self.task != "classification":
+            raise ValueError(
+                "input.mode 'resize_crop' crops the image, so a mask would not cover it: it "
+                "is for classifiers; use 'pad' or 'resize' for a segmenter"
+            )
         if not 0 <= self.ignore_index <= 255:
             raise ValueError(f"ignore_index must be in 0..255, got {self.ignore_index}")
 

@@ -1,7 +1,8 @@
 """Decoded RGB images -> the model's input tensor (NCHW float32, normalized).
 
 ``layout`` decides where an image goes in the tensor (``InputSpec.mode``): resized to
-the model's fixed input, or kept at its resolution and padded up to a shape bucket.
+the model's fixed input, kept at its resolution and padded up to a shape bucket, or
+resized on its short side and centre-cropped (``resample.resize_crop``).
 ``preprocess`` builds the tensor, ``postprocess.mask_to_image`` takes a mask back.
 """
 
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 
 from visionserve.server.model_config import InputSpec
+from visionserve.server.resample import resize_crop
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,14 @@ class Layout:
 def layout(height: int, width: int, spec: InputSpec) -> Layout:
     """The tensor layout of an image of ``height`` x ``width`` (pure).
 
-    resize mode: the model's input size, no padding. pad mode: the image's own size
+    resize and resize_crop modes: the model's input size, no padding (resize_crop: the
+    content is the centre crop, not the whole image). pad mode: the image's own size
     (scaled down, aspect kept, when a side exceeds the largest bucket), each side
     rounded up to the next bucket.
     """
     if height < 1 or width < 1:
         raise ValueError(f"layout needs a non-empty image, got {height}x{width}")
-    if spec.mode == "resize":
+    if spec.mode in ("resize", "resize_crop"):
         size = (spec.height, spec.width)
         return Layout(size, size)
     if not spec.buckets:
@@ -62,13 +65,16 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     Resized with ``cv2.INTER_LINEAR`` when the content size differs from the image's,
     padded by repeating the edge pixels (as the exported segmenters pad inside the
     graph) when the tensor is larger, then scaled to [0, 1] and ``(x - mean) / std``
-    per channel.
+    per channel. resize_crop mode: ``resample.resize_crop`` (antialiased, float).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"preprocess expects RGB uint8 HxWx3, got {image.dtype} {image.shape}")
     plan = layout(image.shape[0], image.shape[1], spec)
     (ch, cw), (th, tw) = plan.content, plan.tensor
-    if image.shape[:2] != (ch, cw):
+    if spec.mode == "resize_crop":
+        assert spec.resize_size is not None  # set by InputSpec
+        image = resize_crop(image, spec.resize_size, (ch, cw))
+    elif image.shape[:2] != (ch, cw):
         image = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_LINEAR)
     if (th, tw) != (ch, cw):
         image = cv2.copyMakeBorder(image, 0, th - ch, 0, tw - cw, cv2.BORDER_REPLICATE)
