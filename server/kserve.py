@@ -1,11 +1,18 @@
 """KServe v2 / Open Inference Protocol: ``inference.GRPCInferenceService``.
 
-``ModelInfer`` takes the model's *preprocessed* input, as Triton would: one FP32
-tensor ``[N, 3, H, W]`` named like the ONNX input (``ModelMetadata`` says the name and
-shape), as ``raw_input_contents`` or ``contents.fp32_contents``. It answers every
-ONNX output (or the requested ones) as ``raw_output_contents``. Requests go through
-the same dynamic batcher as ``visionserve.v1``. The repository extension
-(``RepositoryIndex``, ``RepositoryModelLoad``/``Unload``) works with
+``ModelInfer`` takes one of two input forms (``kserve_describe``): the model's
+*preprocessed* input, as Triton would, one FP32 tensor ``[N, 3, H, W]`` named like the
+ONNX input, as ``raw_input_contents`` or ``contents.fp32_contents``, answered with every
+ONNX output (or the requested ones); or encoded images as the BYTES input ``IMAGE``
+(plus ``GROUND_TRUTH`` for segmenters), answered with the task's outputs at each
+image's size (``kserve_tasks``). Outputs travel as ``raw_output_contents``. Requests go
+through the same ``ServedModel`` and dynamic batcher as ``visionserve.v1``.
+
+Request parameters: ``top_k`` (int64, LABELS / SCORES columns, default the server's
+``--default-top-k``), ``ignore_index`` (int64, IoU). Requested-output parameter
+``classification`` (tritonclient's ``class_count``): Triton's classification extension.
+Triton's ``ModelConfig`` and ``ModelStatistics`` are answered too; the repository
+extension (``RepositoryIndex``, ``RepositoryModelLoad``/``Unload``) works with
 ``--model-control explicit``.
 """
 
@@ -20,6 +27,21 @@ import numpy as np
 from visionserve.protos import grpc_service_pb2 as kpb
 from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.server.errors import InvalidArgument, NotFound, Unavailable, VisionServeError
+from visionserve.server.kserve_describe import (
+    GROUND_TRUTH,
+    IMAGE,
+    model_config,
+    model_metadata,
+    statistics_response,
+)
+from visionserve.server.kserve_tasks import InferOptions, image_outputs, tensor_outputs
+from visionserve.server.kserve_tensors import (
+    InputTensor,
+    add_output,
+    int_parameter,
+    request_inputs,
+    requested,
+)
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.repository import ModelRepository
 from visionserve.server.served_model import ServedModel
@@ -29,25 +51,6 @@ from visionserve.server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-DATATYPES = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.uint16): "UINT16",
-    np.dtype(np.uint32): "UINT32",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.int8): "INT8",
-    np.dtype(np.int16): "INT16",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-}
-
-
-def datatype_of(dtype: np.dtype) -> str:
-    return DATATYPES.get(np.dtype(dtype), "BYTES")
 
 
 def _server_version() -> str:
@@ -86,7 +89,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def ServerMetadata(self, request, context):  # type: ignore[no-untyped-def]
         return kpb.ServerMetadataResponse(
-            name="visionserve", version=_server_version(), extensions=["model_repository"]
+            name="visionserve",
+            version=_server_version(),
+            extensions=["classification", "model_configuration", "model_repository", "statistics"],
         )
 
     def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
@@ -97,6 +102,24 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             "ModelMetadata",
         )
 
+    def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
+        return unary(
+            lambda r, c: kpb.ModelConfigResponse(
+                config=model_config(self._registry.get(r.name, r.version))
+            ),
+            request,
+            context,
+            "ModelConfig",
+        )
+
+    def ModelStatistics(self, request, context):  # type: ignore[no-untyped-def]
+        return unary(
+            lambda r, c: statistics_response(self._registry, r.name, r.version),
+            request,
+            context,
+            "ModelStatistics",
+        )
+
     # -- inference -----------------------------------------------------------------------
     def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
         return unary(self._infer, request, context, "ModelInfer")
@@ -104,19 +127,23 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def _infer(
         self, request: kpb.ModelInferRequest, context: grpc.ServicerContext
     ) -> kpb.ModelInferResponse:
+        deadline = deadline_of(context)
         with self._registry.use(request.model_name, request.model_version) as model:
-            tensor = input_tensor(model, request)
-            wanted = requested_outputs(model, request)
-            outputs = model.infer(tensor, deadline_of(context))
+            inputs = request_inputs(request)
+            options = InferOptions(
+                outputs=requested(request),
+                top_k=int_parameter(request, "top_k") or 0,
+                ignore_index=int_parameter(request, "ignore_index"),  # checked by SegmentInput
+            )
+            if _is_image_form(inputs):
+                outputs = image_outputs(model, inputs, options, deadline)
+            else:
+                outputs = tensor_outputs(model, fp32_tensor(model, inputs), options, deadline)
             response = kpb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
-            for name in wanted:
-                array = np.ascontiguousarray(outputs[name])
-                response.outputs.add(
-                    name=name, datatype=datatype_of(array.dtype), shape=list(array.shape)
-                )
-                response.raw_output_contents.append(array.tobytes())
+            for name, array in outputs.items():
+                add_output(response, name, array)
             return response
 
     # -- model repository extension ---------------------------------------------------------
@@ -172,21 +199,10 @@ class FailedPrecondition(VisionServeError):
     status = "FAILED_PRECONDITION"
 
 
-def model_metadata(registry: ModelRegistry, model: ServedModel) -> kpb.ModelMetadataResponse:
-    """Name, versions, backend (as ``platform``), input and output tensors (-1: variable)."""
-    spec, profile = model.config.input, model.config.profile
-    height = -1 if profile.height is not None else spec.height
-    width = -1 if profile.width is not None else spec.width
-    response = kpb.ModelMetadataResponse(
-        name=model.name,
-        versions=[str(v) for v in registry.versions(model.name)],
-        platform=model.backend.name,
-    )
-    response.inputs.add(name=spec.name, datatype="FP32", shape=[-1, 3, height, width])
-    for out in model.backend.outputs:
-        shape = [d if isinstance(d, int) and d > 0 else -1 for d in out.shape]
-        response.outputs.add(name=out.name, datatype=datatype_of(out.dtype), shape=shape)
-    return response
+def _is_image_form(inputs: dict[str, InputTensor]) -> bool:
+    """Encoded images: the BYTES input ``IMAGE`` (with an optional ``GROUND_TRUTH``)."""
+    image = inputs.get(IMAGE)
+    return image is not None and image.datatype == "BYTES" and set(inputs) <= {IMAGE, GROUND_TRUTH}
 
 
 def _check_shape(model: ServedModel, name: str, shape: list[int]) -> None:
@@ -216,15 +232,17 @@ def _check_shape(model: ServedModel, name: str, shape: list[int]) -> None:
             )
 
 
-def input_tensor(model: ServedModel, request: kpb.ModelInferRequest) -> np.ndarray:
+def fp32_tensor(model: ServedModel, inputs: dict[str, InputTensor]) -> np.ndarray:
     """The request's one FP32 NCHW input, checked against the model; ``InvalidArgument`` else."""
     expected = model.config.input.name
-    names = [t.name for t in request.inputs]
+    names = list(inputs)
     if names != [expected]:
+        extra = f" (+ {GROUND_TRUTH!r})" if model.task == "segmentation" else ""
         raise InvalidArgument(
-            f"{model.name!r} takes exactly one input named {expected!r}, got inputs {names}"
+            f"{model.name!r} takes exactly one input named {expected!r} (FP32 [N, 3, H, W], "
+            f"preprocessed) or encoded images as {IMAGE!r} (BYTES [N]){extra}, got inputs {names}"
         )
-    tensor = request.inputs[0]
+    tensor = inputs[expected]
     if tensor.datatype != "FP32":
         raise InvalidArgument(
             f"input {expected!r} has datatype {tensor.datatype!r}: expected 'FP32'"
@@ -232,35 +250,17 @@ def input_tensor(model: ServedModel, request: kpb.ModelInferRequest) -> np.ndarr
     shape = list(tensor.shape)
     _check_shape(model, expected, shape)
     count = int(np.prod(shape))
-    raw = list(request.raw_input_contents)
-    typed = tensor.contents.fp32_contents
-    if raw and len(typed):
-        raise InvalidArgument(
-            "both raw_input_contents and inputs[0].contents are set: send one of them"
-        )
-    if raw:
-        if len(raw) != 1 or len(raw[0]) != count * 4:
+    if tensor.raw is not None:
+        if len(tensor.raw) != count * 4:
             raise InvalidArgument(
-                f"raw_input_contents holds {[len(r) for r in raw]} bytes for {expected!r} of "
+                f"raw_input_contents holds {len(tensor.raw)} bytes for {expected!r} of "
                 f"shape {shape}: expected one entry of {count} * 4 = {count * 4} bytes (FP32)"
             )
-        return np.frombuffer(raw[0], dtype="<f4").reshape(shape)
+        return np.frombuffer(tensor.raw, dtype="<f4").reshape(shape)
+    typed = tensor.contents.fp32_contents
     if len(typed) != count:
         raise InvalidArgument(
             f"input {expected!r} of shape {shape} needs {count} values, got "
             f"{len(typed)} in contents.fp32_contents and no raw_input_contents"
         )
     return np.asarray(typed, dtype=np.float32).reshape(shape)
-
-
-def requested_outputs(model: ServedModel, request: kpb.ModelInferRequest) -> list[str]:
-    """The outputs to return: those requested, or every model output."""
-    available = [spec.name for spec in model.backend.outputs]
-    wanted = [o.name for o in request.outputs] or available
-    unknown = [n for n in wanted if n not in available]
-    if unknown:
-        raise InvalidArgument(
-            f"requested outputs {unknown} are not outputs of {model.name!r}: expected some of "
-            f"{available}"
-        )
-    return wanted

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -206,9 +207,12 @@ class ModelRegistry:
     def use(self, name: str, version: str = "") -> Iterator[ServedModel]:
         """Hold a model for one request: a swap or unload waits until it is released."""
         model = self.acquire(name, version)
+        start, ok = time.monotonic(), False
         try:
             yield model
+            ok = True
         finally:
+            model.statistics.on_request(time.monotonic() - start, ok)
             model.exit()
 
     def _listing(self) -> str:

@@ -43,6 +43,7 @@ from visionserve.server.requests import (
     decode_truth,
     encode_mask,
 )
+from visionserve.server.statistics import InferenceStatistics, Observers
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class ServedModel:
             raise ValueError(
                 f"{name} v{version}: model.yaml outputs {missing} are not model outputs {sorted(outputs)}"
             )
+        self.statistics = InferenceStatistics()  # KServe ModelStatistics
         self._batcher = Batcher(
             f"{name} v{version}",
             self._infer_batch,
@@ -106,7 +108,7 @@ class ServedModel:
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
             queue_size=config.max_queue_size,
             instances=config.instances,
-            observer=observer,
+            observer=Observers(self.statistics, observer),
         )
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -242,6 +244,7 @@ class ServedModel:
         for rows in sorted({1, self.config.max_batch_size}):
             self._infer_batch(np.repeat(tensor, rows, axis=0))
         self.run(raw_request(self.task, image))
+        self.statistics.reset()
 
     def enter(self) -> None:
         """A request starts using this model (the registry calls it under its lock)."""

@@ -16,6 +16,7 @@ import grpc
 import make_models
 import numpy as np
 import pytest
+from server_test_helpers import png, v1_segment
 from visionserve.protos import grpc_service_pb2 as kpb
 from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
 
@@ -63,17 +64,23 @@ def test_model_ready(kserve, name: str, version: str, ready: bool) -> None:
     assert kserve.ModelReady(kpb.ModelReadyRequest(name=name, version=version)).ready is ready
 
 
-def test_model_metadata_names_the_onnx_tensors_and_backend(kserve) -> None:
+def test_model_metadata_names_both_input_forms_the_outputs_and_backend(kserve) -> None:
     meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name=SEG))
     assert (meta.name, list(meta.versions), meta.platform) == (SEG, ["1"], "onnxruntime-cpu")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("image", "FP32", [-1, 3, 32, 48])
+        ("image", "FP32", [-1, 3, 32, 48]),
+        ("IMAGE", "BYTES", [-1]),
+        ("GROUND_TRUTH", "BYTES", [-1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
-        ("mask", "UINT8", [-1, -1, -1])
+        ("mask", "UINT8", [-1, -1, -1]),
+        ("MASK", "UINT8", [-1, -1, -1]),
+        ("INTERSECTION", "INT64", [-1, 4]),
+        ("UNION", "INT64", [-1, 4]),
     ]
     cls = kserve.ModelMetadata(kpb.ModelMetadataRequest(name=CLS, version="1"))
-    assert {t.name for t in cls.outputs} == {"logits", "probabilities"}
+    assert [t.name for t in cls.inputs] == ["image", "IMAGE"]
+    assert [t.name for t in cls.outputs] == ["logits", "probabilities", "LABELS", "SCORES"]
 
 
 def test_model_infer_classifier_matches_the_reference(kserve) -> None:
@@ -163,6 +170,32 @@ TRITON_SCRIPT = textwrap.dedent(
         client.infer("missing", [inp])
     except triton.InferenceServerException as exc:
         out["missing"] = [exc.status(), exc.message()]
+    # Triton's extensions: configuration, statistics, classification
+    out["config"] = client.get_model_config(cls, as_json=True)["config"]
+    before = client.get_inference_statistics(cls, "2", as_json=True)["model_stats"][0]
+    inp = triton.InferInput("image", [2, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(np.repeat(uniform, 2, axis=0))
+    classes = client.infer(cls, [inp], outputs=[
+        triton.InferRequestedOutput("probabilities", class_count=3)])
+    out["classes"] = [[s.decode() for s in row] for row in classes.as_numpy("probabilities")]
+    after = client.get_inference_statistics(cls, "2", as_json=True)["model_stats"][0]
+    out["stats"] = [before, after]
+    # encoded images (BYTES IMAGE + GROUND_TRUTH) -> MASK, INTERSECTION, UNION
+    files = json.loads(sys.argv[4])
+    images = np.array([bytes.fromhex(f) for f in files["images"]], dtype=np.object_)
+    truths = np.array([bytes.fromhex(f) for f in files["truths"]], dtype=np.object_)
+    inputs = [triton.InferInput("IMAGE", [len(images)], "BYTES"),
+              triton.InferInput("GROUND_TRUTH", [len(truths)], "BYTES")]
+    inputs[0].set_data_from_numpy(images)
+    inputs[1].set_data_from_numpy(truths)
+    result = client.infer(seg, inputs, client_timeout=30)
+    for name in ("MASK", "INTERSECTION", "UNION"):
+        out[name] = result.as_numpy(name).tolist()
+    labels = triton.InferInput("IMAGE", [1], "BYTES")
+    labels.set_data_from_numpy(images[:1])
+    result = client.infer(cls, [labels], parameters={"top_k": 2})
+    out["LABELS"] = [[s.decode() for s in row] for row in result.as_numpy("LABELS")]
+    out["SCORES"] = result.as_numpy("SCORES").tolist()
     print(json.dumps(out))
     """
 )
@@ -179,9 +212,18 @@ def _have_tritonclient() -> bool:
     reason="tritonclient is not installed: `pip install --no-deps tritonclient python-rapidjson` "
     "(tritonclient[grpc] pins protobuf<7; it runs fine on protobuf 7)",
 )
-def test_tritonclient_works_unchanged(server_address: str) -> None:
+def test_tritonclient_works_unchanged(server_address: str, vision_stub) -> None:
+    rng = np.random.default_rng(11)
+    encoded, truths = [], []
+    for _ in range(2):
+        image, classes = make_models.block_image(rng, grid=(20, 24), block=(3, 4))
+        truth = np.repeat(np.repeat(classes, 3, axis=0), 4, axis=1)
+        truth[rng.random(truth.shape) < 0.1] = 2
+        encoded.append(png(image))
+        truths.append(png(truth))
+    files = json.dumps({"images": [i.hex() for i in encoded], "truths": [t.hex() for t in truths]})
     result = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT, server_address, SEG, CLS],
+        [sys.executable, "-c", TRITON_SCRIPT, server_address, SEG, CLS, files],
         capture_output=True,
         text=True,
         timeout=120,
@@ -191,7 +233,8 @@ def test_tritonclient_works_unchanged(server_address: str) -> None:
     out = json.loads(result.stdout)
     assert out["live"] and out["ready"] and out["model_ready"]
     assert out["cls_inputs"] == [
-        {"name": "image", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}
+        {"name": "image", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]},
+        {"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]},
     ]
     images = np.array(out["image"], np.uint8)
     masks = np.array(out["mask"])
@@ -206,3 +249,34 @@ def test_tritonclient_works_unchanged(server_address: str) -> None:
         out["missing"][0] == "StatusCode.NOT_FOUND"
         and "unknown model 'missing'" in out["missing"][1]
     )
+    _check_triton_extensions(out)
+    # encoded images: masks equal the v1 Segment masks, counts equal the v1 IoU counts
+    masks = np.array(out["MASK"], np.uint8)
+    assert masks.shape == (2, 60, 96)
+    for i, (image, truth) in enumerate(zip(encoded, truths, strict=True)):
+        v1_mask, v1_iou = v1_segment(vision_stub, SEG, image, truth)
+        np.testing.assert_array_equal(masks[i], v1_mask)
+        assert out["INTERSECTION"][i] == [c.intersection for c in v1_iou.classes]
+        assert out["UNION"][i] == [c.union for c in v1_iou.classes]
+    assert len(out["LABELS"][0]) == 2 and len(out["SCORES"][0]) == 2
+
+
+def _check_triton_extensions(out: dict) -> None:
+    """get_model_config, get_inference_statistics and class_count, as tritonclient decoded them."""
+    config = out["config"]
+    assert config["name"] == CLS and config["max_batch_size"] == 4
+    assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
+    assert [i["name"] for i in config["input"]] == ["image", "IMAGE"]
+    assert config["input"][0]["dims"] == ["3", "32", "32"]
+    assert config["input"][1]["data_type"] == "TYPE_STRING"
+    assert json.loads(config["parameters"]["labels"]["string_value"]) == list(make_models.LABELS)
+    before, after = out["stats"]
+    assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + 2
+    assert int(after["execution_count"]) == int(before.get("execution_count", 0)) + 1
+    success = after["inference_stats"]["success"]
+    assert int(success["count"]) == int(before["inference_stats"]["success"].get("count", 0)) + 1
+    # 0.8 everywhere: red, green and blue tie (lowest index first), "dark" last
+    reference = make_models.classifier_reference(np.full((4, 4, 3), 229.5))
+    for row in out["classes"]:
+        assert [s.split(":", 1)[1] for s in row] == ["0:red", "1:green", "2:blue"]
+        assert float(row[0].split(":")[0]) == pytest.approx(reference[0], abs=1e-5)

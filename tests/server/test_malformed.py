@@ -71,7 +71,8 @@ CORPUS = [
         "ModelInfer",
         infer(name="pixels"),
         INV,
-        "exactly one input named 'image', got inputs ['pixels']",
+        "one input named 'image' (FP32 [N, 3, H, W], preprocessed) or encoded images as "
+        "'IMAGE' (BYTES [N]), got inputs ['pixels']",
     ),
     (
         "kserve datatype",
