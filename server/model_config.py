@@ -24,6 +24,15 @@ PRECISIONS = ("fp32", "fp16")
 CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
+def check_backends(backends: tuple[str, ...]) -> None:
+    """``ValueError`` unless ``backends`` is a non-empty list of known backend names."""
+    unknown = [b for b in backends if b not in BACKEND_NAMES]
+    if unknown or not backends:
+        raise ValueError(
+            f"backends must be a non-empty list from {BACKEND_NAMES}, got {list(backends)}"
+        )
+
+
 @dataclass(frozen=True)
 class ShapeProfile:
     """min/opt/max of each dynamic dimension. The TensorRT build and the batcher read it."""
@@ -181,11 +190,7 @@ class ModelConfig:
             raise ValueError(f"instances must be at least 1, got {self.instances}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
-        unknown = [b for b in self.backends if b not in BACKEND_NAMES]
-        if unknown or not self.backends:
-            raise ValueError(
-                f"backends must be a non-empty list from {BACKEND_NAMES}, got {list(self.backends)}"
-            )
+        check_backends(self.backends)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCHES:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from visionserve.server.model_config import check_backends
 from visionserve.server.requests import RequestLimits
 
 MIB = 1024 * 1024
@@ -39,11 +40,22 @@ ENV_VARS = {
     "tls_key": "VISIONSERVE_TLS_KEY",
     "tls_client_ca": "VISIONSERVE_TLS_CLIENT_CA",
     "auth_token": "VISIONSERVE_AUTH_TOKEN",
+    "backends": "VISIONSERVE_BACKENDS",
 }
+# setting name -> what a platform sets when ours is unset: Knative (KServe Serverless)
+# sets PORT to the container port; KServe's storage initializer rewrites the runtime
+# container's STORAGE_URI to /mnt/models, where it put the InferenceService's storageUri.
+PLATFORM_ENV_VARS = {"port": "PORT", "repository": "STORAGE_URI"}
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # Settings that override every model's model.yaml batching fields when set.
-BATCHING_OVERRIDES = ("max_batch_size", "max_queue_delay_ms", "instances", "max_queue_size")
+BATCHING_OVERRIDES = (
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "instances",
+    "max_queue_size",
+    "backends",
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,9 @@ class ServerSettings:
     RPCs; ``load_models`` at start, every model when empty). TLS: ``tls_cert`` +
     ``tls_key`` (PEM); ``tls_client_ca`` additionally requires client certificates
     signed by that CA (mutual TLS). ``auth_token``: require ``authorization: Bearer
-    <token>`` on every RPC but health checks.
+    <token>`` on every RPC but health checks. ``backends``: when set, every model's
+    backends in order of preference (e.g. ``("tensorrt", "onnxruntime-cuda")`` on a GPU
+    node), instead of its model.yaml list.
     """
 
     repository: Path
@@ -90,6 +104,7 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_token: str | None = field(default=None, repr=False)
+    backends: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repository", Path(self.repository))
@@ -130,6 +145,9 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1 (or unset: model.yaml), got {value}")
         if self.max_queue_delay_ms is not None and self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.backends is not None:
+            object.__setattr__(self, "backends", tuple(self.backends))
+            check_backends(self.backends)
 
     def _check_serving(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -177,8 +195,8 @@ class ServerSettings:
         return f"{host}:{self.port}"
 
 
-def _convert(name: str, raw: str) -> Any:
-    """Parse one environment value to the type of the setting ``name``."""
+def _convert(name: str, raw: str, var: str) -> Any:
+    """Parse the value ``raw`` of the environment variable ``var`` to the type of ``name``."""
     kind = {f.name: f.type for f in fields(ServerSettings)}[name]
     kind = kind.removesuffix(" | None") if isinstance(kind, str) else kind
     try:
@@ -190,8 +208,10 @@ def _convert(name: str, raw: str) -> Any:
             return Path(raw)
         if kind in ("bool", bool):
             return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind == "tuple[str, ...]":
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
     except ValueError as exc:
-        raise ValueError(f"{ENV_VARS[name]}={raw!r}: expected a {kind}") from exc
+        raise ValueError(f"{var}={raw!r}: expected a {kind}") from exc
     return raw
 
 
@@ -200,13 +220,19 @@ def load_settings(
 ) -> ServerSettings:
     """Settings from ``VISIONSERVE_*`` environment variables, then ``overrides``.
 
-    ``overrides`` values that are ``None`` are ignored (an unset CLI option).
+    ``overrides`` values that are ``None`` are ignored (an unset CLI option). Where a
+    ``VISIONSERVE_*`` variable is unset, the platform's (``PLATFORM_ENV_VARS``: PORT,
+    and STORAGE_URI when it is a local path) gives the default.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    for name, var in PLATFORM_ENV_VARS.items():
+        raw = environ.get(var, "")
+        if raw and "://" not in raw:  # STORAGE_URI before the storage initializer: no
+            values[name] = _convert(name, raw, var)
     for name, var in ENV_VARS.items():
         if environ.get(var, "") != "":
-            values[name] = _convert(name, environ[var])
+            values[name] = _convert(name, environ[var], var)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "repository" not in values:
         raise ValueError(

@@ -154,3 +154,34 @@ def test_model_yaml_batching_fields_are_checked() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             ModelConfig(**base, **{field: 0})
+
+
+def test_platform_environment_gives_defaults_kserve_sets(tmp_path: Path) -> None:
+    """KServe: PORT (Knative) and STORAGE_URI (rewritten to the local model folder)."""
+    settings = load_settings({}, environ={"PORT": "9010", "STORAGE_URI": str(tmp_path)})
+    assert (settings.port, settings.repository) == (9010, tmp_path)
+    ours = {"VISIONSERVE_PORT": "9020", "VISIONSERVE_REPOSITORY": str(tmp_path / "x")}
+    (tmp_path / "x").mkdir()
+    settings = load_settings({}, environ={"PORT": "9010", "STORAGE_URI": str(tmp_path), **ours})
+    assert (settings.port, settings.repository) == (9020, tmp_path / "x")
+    with pytest.raises(ValueError, match="--repository DIR or set VISIONSERVE_REPOSITORY"):
+        load_settings({}, environ={"STORAGE_URI": "s3://bucket/models"})  # not downloaded
+    with pytest.raises(ValueError, match="PORT='h2c': expected a int"):
+        load_settings({"repository": tmp_path}, environ={"PORT": "h2c"})
+
+
+def test_backends_override_every_model(tmp_path: Path) -> None:
+    from visionserve.cli import build_parser
+    from visionserve.commands.serve import _overrides
+
+    env = {
+        "VISIONSERVE_REPOSITORY": str(tmp_path),
+        "VISIONSERVE_BACKENDS": "tensorrt, onnxruntime-cuda",
+    }
+    settings = load_settings({}, environ=env)
+    assert settings.batching_overrides() == {"backends": ("tensorrt", "onnxruntime-cuda")}
+    argv = ["serve", "--repository", str(tmp_path), "--backends", "onnxruntime-cpu"]
+    settings = load_settings(_overrides(build_parser(argv).parse_args(argv)), environ=env)
+    assert settings.backends == ("onnxruntime-cpu",)
+    with pytest.raises(ValueError, match="backends must be a non-empty list from"):
+        ServerSettings(repository=tmp_path, backends=("tensorflow",))

@@ -56,6 +56,16 @@ def _add_batching(batching: argparse._ArgumentGroup) -> None:
     batching.add_argument(
         "--max-queue-size", type=int, help="waiting requests per model; past it RESOURCE_EXHAUSTED"
     )
+    batching.add_argument(
+        "--backends",
+        type=_backend_list,
+        help="backends to try in order for every model, comma-separated "
+        "(e.g. tensorrt,onnxruntime-cuda; default: each model.yaml's list)",
+    )
+
+
+def _backend_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _add_operations(ops: argparse._ArgumentGroup) -> None:
@@ -117,6 +127,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "instances": args.instances,
         "max_queue_size": args.max_queue_size,
+        "backends": args.backends,
         "metrics_port": args.metrics_port,
         "model_control": args.model_control,
         "poll_interval_s": args.poll_interval,
