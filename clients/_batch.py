@@ -30,26 +30,15 @@ import grpc
 import numpy as np
 
 from visionserve.clients._aio import AsyncVisionClient
-from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean_iou
+from visionserve.clients._dataset_iou import iou_from_confusion
 from visionserve.clients._errors import VisionServeError, translate
-from visionserve.clients._files import write_atomic
 from visionserve.clients._journal import Journal
-from visionserve.clients._render import decode_index_mask, decode_rgb, encode_png, overlay
+from visionserve.clients._render import decode_index_mask
+from visionserve.clients._results import Job, build_record, write_outputs
 from visionserve.clients._types import decode_mask
 from visionserve.protos import visionserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to segment; ``key`` is its path relative to the input root."""
-
-    key: str
-    image: Path
-    gt: Path | None
-    mask_out: Path
-    overlay_out: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -453,45 +442,21 @@ class BatchRunner:
     def _finish(self, prepared: Prepared, response: pb.SegmentResponse) -> None:
         job, s = prepared.job, self.settings
         mask = decode_mask(response.mask)
-        record: dict[str, Any] = {
-            "key": job.key,
-            "image": str(job.image),
-            "gt": None if job.gt is None else str(job.gt),
-            "mask": job.mask_out.relative_to(s.out_root).as_posix(),
-            "height": int(mask.shape[0]),
-            "width": int(mask.shape[1]),
-        }
-        if prepared.truth is not None:
-            record.update(self._score(mask, prepared.truth, response))
-        png = encode_png(mask)
-        write_atomic(job.mask_out, png)
-        record["bytes"] = len(png)
-        if job.overlay_out is not None:
-            blended = overlay(decode_rgb(prepared.request.image.encoded), mask)
-            write_atomic(job.overlay_out, encode_png(blended, rgb=True))
-            record["overlay"] = job.overlay_out.relative_to(s.out_root).as_posix()
+        record = build_record(job, mask, prepared.truth, s.num_classes, s.ignore_index)
+        if s.server_iou and prepared.truth is not None:
+            check_server_iou(record["confusion"], response)
+        write_outputs(job, mask, record, s.out_root, prepared.request.image.encoded)
         self.journal.append(record)
 
-    def _score(
-        self, mask: np.ndarray, truth: np.ndarray, response: pb.SegmentResponse
-    ) -> dict[str, Any]:
-        """Client-side confusion matrix; with ``server_iou``, cross-checked against the
-        server's IoU counts."""
-        s = self.settings
-        confusion = confusion_matrix(mask, truth, s.num_classes, s.ignore_index)
-        intersection, union = iou_from_confusion(confusion)
-        server_i = [int(c.intersection) for c in response.iou.classes]
-        server_u = [int(c.union) for c in response.iou.classes]
-        if s.server_iou and (server_i != intersection.tolist() or server_u != union.tolist()):
-            raise ValueError(
-                f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
-                f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
-                f"union {union.tolist()})"
-            )
-        miou = nan_mean_iou(intersection, union)
-        return {
-            "confusion": confusion.tolist(),
-            "miou": None if np.isnan(miou) else miou,
-            "scored": int(confusion.sum()),
-            "correct": int(np.trace(confusion)),
-        }
+
+def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -> None:
+    """The server's per-class counts must be those of the returned mask's confusion matrix."""
+    intersection, union = iou_from_confusion(np.asarray(confusion))
+    server_i = [int(c.intersection) for c in response.iou.classes]
+    server_u = [int(c.union) for c in response.iou.classes]
+    if server_i != intersection.tolist() or server_u != union.tolist():
+        raise ValueError(
+            f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
+            f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
+            f"union {union.tolist()})"
+        )

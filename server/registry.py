@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from visionserve.server.batcher import BatchObserver
 from visionserve.server.errors import NotFound, Unavailable
 from visionserve.server.metrics import Metrics
 from visionserve.server.repository import (
@@ -39,6 +40,44 @@ def signature(entry: ModelEntry) -> tuple[int, ...]:
     config = entry.directory.parent / "model.yaml"
     stats = [p.stat() for p in (config, entry.onnx_path) if p.exists()]  # fp16: maybe not yet
     return tuple(v for s in stats for v in (s.st_mtime_ns, s.st_size))
+
+
+def load_model(
+    entry: ModelEntry,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    intra_op_threads: int = 0,
+    warmup: bool = True,
+    observer: BatchObserver | None = None,
+    source: tuple[int, ...] | None = None,
+    limits: RequestLimits = RequestLimits(),
+) -> ServedModel:
+    """One repository entry loaded as the server loads it: ``overrides`` (the server's
+    model.yaml overrides) applied, the first backend that loads, warmed up. Also the
+    in-process path's loader (``visionserve segment --repository``)."""
+    config = dataclasses.replace(entry.config, **(overrides or {}))
+    entry = dataclasses.replace(entry, config=config)
+    backend = load_backend(entry, intra_op_threads)
+    try:
+        model = ServedModel(
+            entry.name,
+            entry.version,
+            config,
+            backend,
+            observer=observer,
+            source=source,
+            limits=limits,
+        )
+    except BaseException:
+        backend.close()
+        raise
+    if warmup:
+        try:
+            model.warmup()
+        except BaseException:
+            model.close()
+            raise
+    return model
 
 
 class ModelRegistry:
@@ -140,30 +179,16 @@ class ModelRegistry:
         return True
 
     def _load(self, entry: ModelEntry, source: tuple[int, ...]) -> ServedModel:
-        config = dataclasses.replace(entry.config, **self._overrides)
-        entry = dataclasses.replace(entry, config=config)
-        backend = load_backend(entry, self._intra_op_threads)
         observer = self._metrics.model(entry.name) if self._metrics is not None else None
-        try:
-            model = ServedModel(
-                entry.name,
-                entry.version,
-                config,
-                backend,
-                observer=observer,
-                source=source,
-                limits=self._limits,
-            )
-        except BaseException:
-            backend.close()
-            raise
-        if self._warmup:
-            try:
-                model.warmup()
-            except BaseException:
-                model.close()
-                raise
-        return model
+        return load_model(
+            entry,
+            overrides=self._overrides,
+            intra_op_threads=self._intra_op_threads,
+            warmup=self._warmup,
+            observer=observer,
+            source=source,
+            limits=self._limits,
+        )
 
     def _notify(self, name: str, serving: bool) -> None:
         if self._on_change is not None:

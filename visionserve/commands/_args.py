@@ -25,3 +25,8 @@ def existing_dir(value: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} is not a folder")
     return path
+
+
+def comma_list(value: str) -> tuple[str, ...]:
+    """``a,b, c`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())

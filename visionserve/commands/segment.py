@@ -1,4 +1,6 @@
-"""``visionserve segment``: segment a folder, glob or list of images through a server.
+"""``visionserve segment``: segment a folder, glob or list of images through a server,
+or without one: ``--repository DIR`` runs the model in this process, ``--ray ADDRESS``
+in Ray Data actors on a cluster (``_segment_offline.py``).
 
 Writes OUT/masks/<relative path>.png (index masks, the image's original size), with
 ``--overlays`` OUT/overlays/<relative path>.png, and with ``--gt`` a dataset IoU report
@@ -16,18 +18,17 @@ import asyncio
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from visionserve.clients import AsyncVisionClient, VisionServeError
-from visionserve.clients._batch import BatchRunner, BatchSettings, BatchStopped, Job
-from visionserve.clients._files import match_ground_truth, output_path, relative_key, resolve_inputs
-from visionserve.clients._html import render_html
-from visionserve.clients._journal import JOURNAL_NAME, Journal, JournalMismatch
-from visionserve.clients._report import build_report, dataset_iou, write_report
+from visionserve.clients._batch import BatchRunner, BatchSettings, BatchStopped
+from visionserve.clients._files import resolve_inputs
+from visionserve.clients._journal import Journal
+from visionserve.clients._results import Job
 from visionserve.commands._args import existing_dir, positive_int
+from visionserve.commands._segment_offline import add_offline_arguments, run_offline
+from visionserve.commands._segment_run import finish, open_journal, plan, progress
 
 NAME = "segment"
-HELP = "Segment a folder of images through a server; masks + IoU report"
+HELP = "Segment a folder of images (through a server, in-process or on Ray); masks + IoU report"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder (searched recursively), glob ('data/**/*.jpg'), image, "
         "or list file (one path per line)",
     )
-    parser.add_argument("--server", required=True, help="HOST:PORT of a visionserve server")
-    parser.add_argument("--model", required=True, help="model name in the server's repository")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a visionserve server")
+    where.add_argument(
+        "--repository",
+        type=existing_dir,
+        help="model repository: run the model in this process (or with --ray, on Ray), no server",
+    )
+    parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", default="", help="model version (default: the latest)")
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (masks/, overlays/, report.*)"
@@ -93,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--key", type=Path, help="client private key PEM (mutual TLS)")
     security.add_argument("--token", help="bearer token (or env VISIONSERVE_TOKEN)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_offline_arguments(parser.add_argument_group("without a server (--repository)"))
 
 
 def _ignore_index(value: str) -> int:
@@ -116,6 +124,15 @@ def client_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repository is None and args.ray is not None:
+        print(
+            "visionserve segment: --ray needs --repository (the actors load the model)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.repository is not None and args.server_iou:
+        print("visionserve segment: --server-iou needs --server", file=sys.stderr)
+        return 2
     try:
         root, images = resolve_inputs(args.input)
     except (FileNotFoundError, OSError) as exc:
@@ -125,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"visionserve segment: no images found in {args.input}", file=sys.stderr)
         return 2
     try:
+        if args.repository is not None:
+            return run_offline(args, root, images)
         return asyncio.run(_run(args, root, images))
     except KeyboardInterrupt:
         print(
@@ -150,22 +169,10 @@ async def _run(args: argparse.Namespace, root: Path, images: list[Path]) -> int:
             )
             return 2
         ignore = info.ignore_index if args.ignore_index is None else args.ignore_index
-        settings = {
-            "model": info.name,
-            "version": info.version,
-            "input": str(root.absolute()),
-            "gt": str(args.gt.absolute()) if args.gt else None,
-            "ignore_index": ignore if args.gt else None,
-        }
-        journal_path = args.out / JOURNAL_NAME
-        if args.restart:
-            journal_path.unlink(missing_ok=True)
-        try:
-            journal = Journal(journal_path, settings)
-        except (JournalMismatch, ValueError) as exc:
-            print(f"visionserve segment: {exc}", file=sys.stderr)
+        journal = open_journal(args, root, info.name, info.version, ignore)
+        if journal is None:
             return 2
-        keys, jobs, failures = _plan(args, root, images, journal)
+        keys, jobs, failures = plan(args, root, images, journal)
         batch = BatchSettings(
             model=info.name,
             version=info.version,
@@ -185,29 +192,7 @@ async def _run(args: argparse.Namespace, root: Path, images: list[Path]) -> int:
             args, client, batch, journal, jobs, len(keys) - len(jobs) - len(failures)
         )
         failures.update(stopped[1])
-        return _finish(args, info, keys, journal, failures, stopped[0])
-
-
-def _plan(
-    args: argparse.Namespace, root: Path, images: list[Path], journal: Journal
-) -> tuple[list[str], list[Job], dict[str, str]]:
-    """(every key, the jobs still to do, failures known up front)."""
-    gts = match_ground_truth(images, root, args.gt) if args.gt else dict.fromkeys(images)
-    keys, jobs, failures = [], [], {}
-    for image in images:
-        key = relative_key(image, root)
-        keys.append(key)
-        mask = output_path(image, root, args.out / "masks")
-        over = output_path(image, root, args.out / "overlays") if args.overlays else None
-        if journal.finished(key, mask) and (over is None or over.is_file()):
-            continue
-        if args.gt and gts[image] is None:
-            failures[key] = (
-                f"no ground truth with stem {image.stem!r} (exactly one) under {args.gt}"
-            )
-            continue
-        jobs.append(Job(key, image, gts[image], mask, over))
-    return keys, jobs, failures
+        return finish(args, info, keys, journal, failures, stopped[0])
 
 
 async def _execute(
@@ -219,23 +204,7 @@ async def _execute(
     skipped: int,
 ) -> tuple[str | None, dict[str, str]]:
     """Run the jobs with a progress bar; (why it stopped early or None, per-image failures)."""
-    bar = tqdm(
-        total=len(jobs) + skipped,
-        initial=skipped,
-        unit="img",
-        desc="segment",
-        disable=args.no_progress,
-        dynamic_ncols=True,
-    )
-    failed = 0
-
-    def resolved(ok: bool) -> None:
-        nonlocal failed
-        failed += not ok
-        bar.update(1)
-        if not ok:
-            bar.set_postfix(failed=failed, refresh=False)
-
+    bar, resolved = progress(args, len(jobs), skipped)
     runner = BatchRunner(client, batch, journal, on_resolved=resolved)
     stopped = None
     with journal, bar:
@@ -244,44 +213,3 @@ async def _execute(
         except BatchStopped as exc:
             stopped = str(exc)
     return stopped, runner.failures
-
-
-def _finish(
-    args: argparse.Namespace,
-    info: object,
-    keys: list[str],
-    journal: Journal,
-    failures: dict[str, str],
-    stopped: str | None,
-) -> int:
-    labels = list(info.labels)
-    report = build_report(
-        model=info.name,
-        version=info.version,
-        labels=labels,
-        keys=keys,
-        records=journal.records,
-        failures=failures,
-        stopped=stopped,
-    )
-    write_report(
-        args.out,
-        report,
-        keys,
-        journal.records,
-        failures,
-        render_html(report, journal.records, args.out),
-    )
-    if "iou" in report:
-        totals, _ = dataset_iou(labels, (journal.records[k] for k in keys if k in journal.records))
-        print(totals.table())
-    print(
-        f"{report['segmented']}/{len(keys)} images segmented; masks in {args.out / 'masks'}, "
-        f"report in {args.out / 'report.html'}"
-    )
-    for item in report["failures"]:
-        print(f"FAILED {item['image']}: {item['reason']}", file=sys.stderr)
-    if stopped:
-        print(f"STOPPED: {stopped}", file=sys.stderr)
-        return 3
-    return 1 if failures else 0

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from visionserve.commands._args import comma_list
 from visionserve.server.settings import MIB, MODEL_CONTROL_MODES, load_settings
 
 NAME = "serve"
@@ -58,14 +59,10 @@ def _add_batching(batching: argparse._ArgumentGroup) -> None:
     )
     batching.add_argument(
         "--backends",
-        type=_backend_list,
+        type=comma_list,
         help="backends to try in order for every model, comma-separated "
         "(e.g. tensorrt,onnxruntime-cuda; default: each model.yaml's list)",
     )
-
-
-def _backend_list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _add_operations(ops: argparse._ArgumentGroup) -> None:
