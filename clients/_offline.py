@@ -6,7 +6,6 @@ writes masks, overlays and records with the same code as the gRPC path
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from visionserve.clients._journal import Journal
 from visionserve.clients._render import decode_index_mask
 from visionserve.clients._results import Job, build_record, write_outputs
 from visionserve.server.offline import OfflineModel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

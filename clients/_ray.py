@@ -85,6 +85,7 @@ def run_ray(
 ) -> dict[str, str]:
     """Run ``jobs`` through a Ray Data pipeline on the connected cluster; returns the
     failures by key (every other job is in the journal)."""
+    import ray
     import ray.data
 
     failures: dict[str, str] = {}
@@ -102,6 +103,11 @@ def run_ray(
     jobs = readable
     by_path = {_path_key(job.image): job for job in jobs}
     gpus = 1 if settings.wants_gpu() else 0
+    if gpus and not ray.cluster_resources().get("GPU"):  # the actors would wait forever
+        raise ValueError(
+            f"the model's first backend ({settings.backend_preference()[0]}) needs a GPU per "
+            f"actor, but the Ray cluster has none: pass --backends onnxruntime-cpu"
+        )
     if not gpus and settings.intra_op_threads == 0:  # one CPU per actor, one thread each
         settings = dataclasses.replace(settings, intra_op_threads=1)
     dataset = ray.data.read_binary_files([str(job.image) for job in jobs], include_paths=True)

@@ -235,7 +235,14 @@ def load_settings(
             values[name] = _convert(name, environ[var], var)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "repository" not in values:
+        remote = environ.get(PLATFORM_ENV_VARS["repository"], "")
+        hint = (
+            f" ({PLATFORM_ENV_VARS['repository']}={remote!r} is not a local folder: KServe's "
+            f"storage initializer downloads it)"
+            if remote
+            else ""
+        )
         raise ValueError(
-            f"no model repository given: pass --repository DIR or set {ENV_VARS['repository']}"
+            f"no model repository given: pass --repository DIR or set {ENV_VARS['repository']}{hint}"
         )
     return ServerSettings(**values)

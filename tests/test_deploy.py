@@ -131,3 +131,11 @@ def test_grafana_provisioning_and_dashboard_use_exposed_metrics(
     referenced = {name for expr in exprs for name in promql_metric_names(expr)}
     missing = referenced - live_metric_names(start_server)
     assert not missing, f"the dashboard refers to metrics the server does not expose: {missing}"
+
+
+def test_dockerfile_commands_parse() -> None:
+    text = (ROOT / "deploy/Dockerfile").read_text()
+    commands = [json.loads(argv) for argv in re.findall(r"^CMD\s+(\[.*\])$", text, re.MULTILINE)]
+    assert len(commands) == len(dockerfile_targets(ROOT / "deploy/Dockerfile")) - 1  # not base
+    for argv in commands:
+        assert build_parser(argv).parse_args(argv).command == argv[0]

@@ -37,7 +37,10 @@ def served(server_address: str, dataset: tuple[Path, Path], tmp_path_factory) ->
 
 
 def files(out: Path, folder: str) -> dict[str, bytes]:
-    return {p.relative_to(out / folder).as_posix(): p.read_bytes() for p in (out / folder).rglob("*.png")}
+    return {
+        p.relative_to(out / folder).as_posix(): p.read_bytes()
+        for p in (out / folder).rglob("*.png")
+    }
 
 
 def assert_same_results(out: Path, reference: Path) -> None:
@@ -70,7 +73,9 @@ def test_in_process_equals_the_server_and_resumes(
     assert main(args(*dataset, out, *where)) == 0
     redone = journal_lines(out)[len(lines) :]
     assert [json.loads(line)["key"] for line in redone] == ["a/img001.png"]
-    unchanged = {p: p.stat().st_mtime_ns for p in stamps if p.name != "img001.png" or "/a/" not in str(p)}
+    unchanged = {
+        p: p.stat().st_mtime_ns for p in stamps if p.name != "img001.png" or "/a/" not in str(p)
+    }
     assert all(stamps[p] == t for p, t in unchanged.items())
     assert_same_results(out, served)
 
@@ -130,3 +135,22 @@ def test_ray_data_equals_the_server_and_resumes(
     assert main(args(*dataset, out, *where)) == 0  # nothing left: no actor work, same report
     assert journal_lines(out) == lines
     assert_same_results(out, served)
+
+
+def test_a_backend_that_cannot_load_is_a_clear_usage_error(
+    model_repository: Path, tmp_path: Path, capsys
+) -> None:
+    images, gts = make_dataset(tmp_path / "data", 1)
+    where = ("--repository", str(model_repository), "--backends", "tensorrt")
+    assert main(args(images, gts, tmp_path / "out", *where)) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "no backend could load it" in err
+
+
+def test_ray_refuses_a_gpu_backend_on_a_cluster_without_gpus(
+    local_ray, model_repository: Path, tmp_path: Path, capsys
+) -> None:
+    images, gts = make_dataset(tmp_path / "data", 1)
+    where = ("--repository", str(model_repository), "--ray", "local", "--backends", "tensorrt")
+    assert main(args(images, gts, tmp_path / "out", *where)) == 2
+    assert "needs a GPU per actor, but the Ray cluster has none" in capsys.readouterr().err

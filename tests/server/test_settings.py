@@ -164,7 +164,7 @@ def test_platform_environment_gives_defaults_kserve_sets(tmp_path: Path) -> None
     (tmp_path / "x").mkdir()
     settings = load_settings({}, environ={"PORT": "9010", "STORAGE_URI": str(tmp_path), **ours})
     assert (settings.port, settings.repository) == (9020, tmp_path / "x")
-    with pytest.raises(ValueError, match="--repository DIR or set VISIONSERVE_REPOSITORY"):
+    with pytest.raises(ValueError, match="STORAGE_URI='s3://bucket/models' is not a local folder"):
         load_settings({}, environ={"STORAGE_URI": "s3://bucket/models"})  # not downloaded
     with pytest.raises(ValueError, match="PORT='h2c': expected a int"):
         load_settings({"repository": tmp_path}, environ={"PORT": "h2c"})

@@ -19,6 +19,7 @@ from visionserve.clients._offline import Scoring, run_local
 from visionserve.clients._results import Job
 from visionserve.commands._args import comma_list, positive_int
 from visionserve.commands._segment_run import finish, open_journal, plan, progress
+from visionserve.server.model_config import ModelConfig
 from visionserve.server.offline import OfflineModel, OfflineSettings
 from visionserve.server.repository import ModelRepository
 
@@ -92,29 +93,45 @@ def run_offline(args: argparse.Namespace, root: Path, images: list[Path]) -> int
         return 2
     keys, jobs, failures = plan(args, root, images, journal)
     scoring = Scoring(len(info.labels), ignore, args.out)
-    batch_size = args.batch_size or model_config.max_batch_size
     bar, resolved = progress(args, len(jobs), len(keys) - len(jobs) - len(failures))
     with journal, bar:
-        if args.ray is not None:
-            failures.update(_on_ray(args, settings, jobs, scoring, journal, batch_size, resolved))
-        elif jobs:
-            model = OfflineModel(settings)
-            try:
-                threads = max(args.threads, model_config.instances)
-                failures.update(
-                    run_local(
-                        model,
-                        jobs,
-                        scoring,
-                        journal,
-                        threads=threads,
-                        chunk=batch_size,
-                        on_resolved=resolved,
-                    )
-                )
-            finally:
-                model.close()
+        done = _execute(args, settings, model_config, jobs, scoring, journal, resolved)
+    if isinstance(done, str):
+        print(f"visionserve segment: {done}", file=sys.stderr)
+        return 2
+    failures.update(done)
     return finish(args, info, keys, journal, failures, None)
+
+
+def _execute(
+    args: argparse.Namespace,
+    settings: OfflineSettings,
+    config: ModelConfig,
+    jobs: list[Job],
+    scoring: Scoring,
+    journal: Journal,
+    resolved: Callable[[bool], None],
+) -> dict[str, str] | str:
+    """Run the jobs here or on Ray: the failures by key, or why nothing could run."""
+    batch_size = args.batch_size or config.max_batch_size
+    if args.ray is not None:
+        try:
+            return _on_ray(args, settings, jobs, scoring, journal, batch_size, resolved)
+        except ValueError as exc:
+            return str(exc)
+    if not jobs:
+        return {}
+    try:
+        model = OfflineModel(settings)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"cannot load {args.model!r}: {exc}"
+    try:
+        threads = max(args.threads, config.instances)
+        return run_local(
+            model, jobs, scoring, journal, threads=threads, chunk=batch_size, on_resolved=resolved
+        )
+    finally:
+        model.close()
 
 
 def _on_ray(
@@ -126,12 +143,13 @@ def _on_ray(
     batch_size: int,
     resolved: Callable[[bool], None],
 ) -> dict[str, str]:
+    """``ValueError`` when the run cannot start, or Ray failed it (rerun to continue)."""
     try:
+        import ray
         import ray.data  # noqa: F401 - the optional extra
+        import ray.exceptions
     except ImportError as exc:
-        raise SystemExit(
-            f"visionserve segment --ray needs Ray Data: pip install 'visionserve[ray]' ({exc})"
-        ) from exc
+        raise ValueError(f"--ray needs Ray Data: pip install 'visionserve[ray]' ({exc})") from exc
     from visionserve.clients import _ray
 
     started = _ray.connect(args.ray)
@@ -146,8 +164,10 @@ def _on_ray(
             batch_size=batch_size,
             on_resolved=resolved,
         )
+    except ray.exceptions.RayError as exc:
+        raise ValueError(
+            f"the Ray run failed (finished images are recorded; rerun to continue): {exc}"
+        ) from exc
     finally:
         if started:
-            import ray
-
             ray.shutdown()
