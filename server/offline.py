@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionserve.server.backends.registry import GPU_BACKENDS
 from visionserve.server.model_config import check_backends
 from visionserve.server.registry import load_model
 from visionserve.server.repository import ModelRepository
@@ -25,8 +26,6 @@ from visionserve.server.served_model import Job, ServedModel, wait_for
 
 log = logging.getLogger(__name__)
 
-# The backends that need a GPU (a Ray actor holding one asks for num_gpus=1).
-GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
 DEFAULT_MAX_PIXELS = RequestLimits().max_decoded_pixels
 
 
@@ -61,7 +60,7 @@ class OfflineSettings:
         return ModelRepository(self.repository).config(self.model).backends
 
     def wants_gpu(self) -> bool:
-        """True when the first backend tried is a GPU one."""
+        """True when the first backend tried is a GPU one (a Ray actor then asks for one)."""
         return self.backend_preference()[0] in GPU_BACKENDS
 
 
