@@ -261,6 +261,8 @@ class ModelConfig:
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
         data["input"]["buckets"] = list(self.input.buckets)
+        if self.input.resize_size is None:  # resize_crop only: other entries stay as they were
+            del data["input"]["resize_size"]
         data["profile"] = {
             k: (list(v) if v is not None else None) for k, v in data["profile"].items()
         }

@@ -4,9 +4,15 @@ torchvision itself (export extra)."""
 
 from __future__ import annotations
 
+import grpc
+import make_models
 import numpy as np
 import pytest
-
+from server_test_helpers import png
+from visionserve.protos import grpc_service_pb2 as kpb
+from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
+from visionserve.protos import visionserve_pb2 as pb
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.model_config import InputSpec, ModelConfig
 from visionserve.server.preprocess import layout, preprocess
 from visionserve.server.resample import CropBox, crop_box, resize_crop, taps
@@ -76,6 +82,10 @@ def test_model_yaml_round_trips_resize_crop_and_refuses_it_for_segmenters(tmp_pa
     )
     config.save(tmp_path / "model.yaml")
     assert ModelConfig.load(tmp_path / "model.yaml").input == config.input
+    assert "resize_size" not in ModelConfig.from_dict(
+        {"name": "m", "labels": ["a", "b"], "task": "classification",
+         "outputs": {"probabilities": "p"}}
+    ).to_dict()["input"]
     with pytest.raises(ValueError, match="is for classifiers"):
         ModelConfig.from_dict({**base, "task": "segmentation", "outputs": {"mask": "mask"}})
 
@@ -111,3 +121,29 @@ def test_preprocess_matches_torchvision_eval_transforms(hw: tuple[int, int]) -> 
     limit = 1.0 / 255.0 / min(STD) + 1e-5
     assert np.abs(ours - reference).max() <= limit
     assert np.abs(ours - reference).mean() < 0.5 / 255.0 / min(STD)
+
+
+def test_a_resize_crop_classifier_is_served_on_the_centre_crop(start_server, tmp_path) -> None:
+    """The tiny classifier averages its input: on an image whose centre is red and whose
+    sides are blue, resize_crop sees only red, a plain resize sees both (blue wins)."""
+    spec = {"name": "image", "mean": make_models.MEAN, "std": make_models.STD}
+    make_models.write_entry(tmp_path, "cropped", "classification", input=InputSpec(
+        height=32, width=32, mode="resize_crop", resize_size=36, **spec))
+    make_models.write_entry(tmp_path, "stretched", "classification", input=InputSpec(
+        height=32, width=32, **spec))
+    image = np.zeros((64, 160, 3), np.uint8)
+    image[:, :, 2] = 200  # blue everywhere ...
+    image[:, 48:112] = (200, 0, 0)  # ... but a red centre square, 64 wide of 160
+    server = start_server(repository=tmp_path)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        v1 = pb_grpc.VisionServiceStub(channel)
+        request = pb.ClassifyRequest(image=pb.Image(encoded=png(image)), top_k=1)
+        request.model = "cropped"
+        assert v1.Classify(request, timeout=20).top[0].label == "red"
+        request.model = "stretched"
+        assert v1.Classify(request, timeout=20).top[0].label == "blue"
+        config = kpb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            kpb.ModelConfigRequest(name="cropped"), timeout=10
+        ).config
+    assert config.parameters["input_mode"].string_value == "resize_crop"
+    assert config.parameters["resize_size"].string_value == "36"
