@@ -165,16 +165,36 @@ class BatchRunner:
         self._slots = asyncio.Semaphore(2 * s.streams * s.window)
         with ThreadPoolExecutor(s.threads, thread_name_prefix="segment-io") as pool:
             self._pool = pool
+            self._last_answer = time.monotonic()
             tasks = [asyncio.create_task(self._feed(jobs))]
             tasks += [asyncio.create_task(self._stream_worker(i)) for i in range(s.streams)]
+            work = asyncio.gather(*tasks)
+            watchdog = asyncio.create_task(self._give_up())
+            tasks += [watchdog]
             try:
-                await asyncio.gather(*tasks)
+                await asyncio.wait((work, watchdog), return_when=asyncio.FIRST_COMPLETED)
+                if watchdog.done():
+                    watchdog.result()  # raises BatchStopped
+                await work
             finally:
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(work, *tasks, return_exceptions=True)
                 if self._pending:  # let masks being written land in the journal
                     await asyncio.wait(self._pending)
+
+    async def _give_up(self) -> None:
+        """Stop the run when no answer has come for ``give_up_after`` seconds, whatever the
+        streams are doing (reconnecting, waiting on a window, waiting for a first answer)."""
+        limit = self.settings.give_up_after
+        while self._remaining > 0:
+            silent = time.monotonic() - self._last_answer
+            if silent > limit:
+                raise BatchStopped(
+                    f"no answer from {self.client.config.target} for {silent:.0f}s "
+                    f"(--give-up-after {limit:g}); rerun to continue where this run stopped"
+                )
+            await asyncio.sleep(min(1.0, limit - silent + 0.01))
 
     # -- bookkeeping ---------------------------------------------------------
     def _resolve(self, key: str, reason: str | None) -> None:
@@ -193,10 +213,14 @@ class BatchRunner:
     async def _feed(self, jobs: list[Job]) -> None:
         """Read files ``PREPARE_CHUNK`` at a time in a worker thread (one hop, not one per file)."""
         loop = asyncio.get_running_loop()
-        for start in range(0, len(jobs), PREPARE_CHUNK):
-            chunk = jobs[start : start + PREPARE_CHUNK]
-            for _ in chunk:
+        start = 0
+        while start < len(jobs):
+            await self._slots.acquire()  # at least one free slot, then those free now:
+            taken = 1  # never wait for more than one (a small pool would never fill a chunk)
+            while taken < min(PREPARE_CHUNK, len(jobs) - start) and not self._slots.locked():
                 await self._slots.acquire()
+                taken += 1
+            chunk, start = jobs[start : start + taken], start + taken
             prepared = await loop.run_in_executor(self._pool, self._prepare_all, chunk)
             for job, item in zip(chunk, prepared):
                 if isinstance(item, str):
@@ -258,12 +282,6 @@ class BatchRunner:
             odd += error.code in CONNECTION_LOST
             if odd >= MAX_ODD_FAILURES:
                 raise BatchStopped(f"the server ended the stream {odd} times in a row: {error}")
-            silent = time.monotonic() - self._last_answer
-            if silent > self.settings.give_up_after:
-                raise BatchStopped(
-                    f"no answer from {self.client.config.target} for {silent:.0f}s "
-                    f"(last error {error}); rerun to continue where this run stopped"
-                )
             log.info("stream %d: %s; reopening in %.1fs", number, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -445,6 +463,7 @@ class BatchRunner:
         record = build_record(job, mask, prepared.truth, s.num_classes, s.ignore_index)
         if s.server_iou and prepared.truth is not None:
             check_server_iou(record["confusion"], response)
+            record["server_checked"] = True  # the report claims the cross-check for these
         write_outputs(job, mask, record, s.out_root, prepared.request.image.encoded)
         self.journal.append(record)
 

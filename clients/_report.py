@@ -1,8 +1,9 @@
 """The batch segmentation report, rebuilt from journal records: JSON, CSV and HTML.
 
-Dataset-level IoU sums the client-side confusion matrices (each already checked equal
-to the server's per-image intersection/union counts), so IoU per class is
-sum(intersection) / sum(union), and mean IoU skips classes absent everywhere.
+Dataset-level IoU sums the client-side confusion matrices, so IoU per class is
+sum(intersection) / sum(union), and mean IoU skips classes absent everywhere. With
+``--server-iou`` each image's matrix was also checked equal to the server's per-image
+intersection/union counts; the report says so only for the images where it was.
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ def build_report(
             "labels": list(labels),
             "counts": confusion.tolist(),
         }
+        checked = sum(1 for r in scored if r.get("server_checked"))
         iou["server_crosscheck"] = (
-            f"per image, the server's intersection/union equal the "
-            f"client's confusion matrix ({len(scored)} images)"
+            f"per image, the server's intersection/union equal the client's confusion "
+            f"matrix ({checked} of {len(scored)} images, sent with --server-iou)"
+            if checked
+            else None
         )
         ranked = sorted(scored, key=lambda r: math.inf if r.get("miou") is None else r["miou"])
         iou["worst_images"] = [

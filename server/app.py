@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
 from visionserve.server.backends.registry import describe
+from visionserve.server.decoder_guard import check_decoders
 from visionserve.server.interceptors import (
     DrainInterceptor,
     MetricsInterceptor,
@@ -172,6 +173,7 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
     Returns the started server and the bound port (useful with port 0). A model that
     fails to load stops the server and raises.
     """
+    check_decoders(settings.max_decoded_pixels)
     metrics, gate = Metrics(), DrainInterceptor()
     server = _grpc_server(settings, metrics, gate)
     health_servicer = health.HealthServicer()

@@ -1,9 +1,11 @@
 """Images and masks in and out of bytes, with OpenCV.
 
 Images come back as RGB uint8 HxWx3 (gray replicated, alpha dropped, 16-bit scaled to
-8-bit); masks as uint8 HxW. The height and width of PNG, JPEG and BMP images are read
-from their headers before decoding, so a decompression bomb is refused without being
-decoded; every other format is checked after decoding.
+8-bit); masks as uint8 HxW. Decompression bombs are refused without being decoded: the
+height and width of PNG, JPEG, BMP, TIFF (and BigTIFF), WebP and GIF images are read from
+their headers here, with the server's exact message; every other format OpenCV reads is
+bounded by OpenCV itself before it allocates (``OPENCV_IO_MAX_IMAGE_PIXELS``, set from the
+same limit: :mod:`decoder_guard`), and every decoded image is checked once more.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` from a PNG, JPEG or BMP header, or None if unknown/unreadable."""
+    """``(height, width)`` from a PNG, JPEG, BMP, TIFF, WebP or GIF header, or None if
+    unknown/unreadable (OpenCV's own bound then applies)."""
     try:
         if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
             width, height = struct.unpack(">II", data[16:24])
@@ -34,8 +37,60 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         if data[:2] == b"BM" and len(data) >= 26:
             width, height = struct.unpack("<ii", data[18:26])
             return abs(height), abs(width)
+        if data[:4] in _TIFF_MAGIC:
+            return _tiff_size(data)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            width, height = struct.unpack("<HH", data[6:10])
+            return height, width
     except struct.error:
         return None
+    return None
+
+
+# byte order, BigTIFF
+_TIFF_MAGIC = {
+    b"II*\x00": ("<", False),
+    b"MM\x00*": (">", False),
+    b"II+\x00": ("<", True),
+    b"MM\x00+": (">", True),
+}
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+_TIFF_INTEGERS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth and ImageLength of the first image file directory (the one OpenCV reads)."""
+    order, big = _TIFF_MAGIC[data[:4]]
+    offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+    (ifd,) = struct.unpack_from(order + offset_format, data, 8 if big else 4)
+    (count,) = struct.unpack_from(order + count_format, data, ifd)
+    first = ifd + struct.calcsize(count_format)
+    found: dict[int, int] = {}
+    for index in range(min(count, 4096)):
+        tag, kind = struct.unpack_from(order + "HH", data, first + index * entry_size)
+        if tag in (_TIFF_WIDTH, _TIFF_LENGTH) and kind in _TIFF_INTEGERS:
+            value_at = first + index * entry_size + (12 if big else 8)
+            (found[tag],) = struct.unpack_from(order + _TIFF_INTEGERS[kind], data, value_at)
+    if _TIFF_WIDTH in found and _TIFF_LENGTH in found:
+        return found[_TIFF_LENGTH], found[_TIFF_WIDTH]
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas (VP8X) or frame (VP8 lossy, VP8L lossless) size of a WebP file."""
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return (height, width) if len(data) >= 30 else None
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return height & 0x3FFF, width & 0x3FFF
+    if chunk == b"VP8L" and data[20:21] == b"\x2f":
+        (bits,) = struct.unpack("<I", data[21:25])
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
     return None
 
 
@@ -74,7 +129,15 @@ def _imdecode(data: bytes, flags: int, max_pixels: int, what: str) -> np.ndarray
     size = header_size(data)
     if size is not None:
         check_pixels(*size, max_pixels, what)
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as exc:  # OpenCV's own bound (decoder_guard), or a decoder's assertion
+        if "MAX_IMAGE" in str(exc):
+            raise ResourceExhausted(
+                f"{what} declares more than the server's limit of {max_pixels} pixels "
+                f"(max_decoded_pixels) in its header; send a smaller image"
+            ) from None
+        array = None
     if array is None or array.size == 0:
         raise InvalidArgument(
             f"{what} could not be decoded ({len(data)} bytes, starting {data[:8]!r}): "

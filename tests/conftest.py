@@ -20,6 +20,7 @@ runtime is a failure there, not a skip.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -32,10 +33,20 @@ from grpc_health.v1 import health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
 
-import make_models
-from visionserve.protos import visionserve_pb2_grpc
-from visionserve.server.app import VisionServer, create_server
+from visionserve.server.decoder_guard import limit_decoders
 from visionserve.server.settings import ServerSettings
+
+# OpenCV's decoder bound is read when cv2 is first imported: set it, as `visionserve serve`
+# does, before anything below imports cv2, to the default pixel limit (servers of tests
+# with a lower limit check every format's header but PNM/HDR/JPEG 2000/AVIF's).
+DEFAULT_MAX_PIXELS = next(
+    f.default for f in dataclasses.fields(ServerSettings) if f.name == "max_decoded_pixels"
+)
+assert limit_decoders(DEFAULT_MAX_PIXELS), "cv2 was imported before tests/conftest.py"
+
+import make_models  # noqa: E402
+from visionserve.protos import visionserve_pb2_grpc  # noqa: E402
+from visionserve.server.app import VisionServer, create_server  # noqa: E402
 
 TEST_MAX_PIXELS = 4_000_000
 REQUIRE_GPU = os.environ.get("VISIONSERVE_REQUIRE_GPU") == "1"

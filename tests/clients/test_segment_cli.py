@@ -87,6 +87,7 @@ def test_dataset_iou_equals_independent_computation(
     assert report["iou"]["pixel_accuracy"] == pytest.approx(inter.sum() / confusion.sum(), abs=1e-6)
     assert report["iou"]["confusion_matrix"]["counts"] == confusion.tolist()
     assert report["iou"]["per_image_mean_iou"]["count"] == DATASET_SIZE
+    assert f"({DATASET_SIZE} of {DATASET_SIZE} images" in report["iou"]["server_crosscheck"]
     # Masks: the model's exact answer at the original size; overlays mirror the tree.
     sample = images / "b/c/img000.png"
     rgb = cv2.cvtColor(cv2.imread(str(sample)), cv2.COLOR_BGR2RGB)
@@ -98,6 +99,20 @@ def test_dataset_iou_equals_independent_computation(
     assert len(rows) == DATASET_SIZE + 1 and all(",ok," in r for r in rows[1:])
     assert (out / "report_classes.csv").read_text().startswith("index,label,iou,intersection,union")
     assert "<svg" in (out / "report.html").read_text()
+
+
+def test_no_cross_check_is_claimed_without_server_iou(
+    server_address: str, tmp_path: Path
+) -> None:
+    images, gts = make_dataset(tmp_path, 3, noise=False)
+    out = tmp_path / "out"
+    assert main(segment_args(images, gts, out, server_address)) == 0
+    assert json.loads((out / "report.json").read_text())["iou"]["server_crosscheck"] is None
+    # A rerun of one image with --server-iou: the report counts what was checked.
+    (out / "masks" / next(images.rglob("*.png")).relative_to(images)).unlink()
+    assert main(segment_args(images, gts, out, server_address, "--server-iou")) == 0
+    claim = json.loads((out / "report.json").read_text())["iou"]["server_crosscheck"]
+    assert "(1 of 3 images, sent with --server-iou)" in claim
 
 
 def test_glob_and_list_file_inputs(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from visionserve.commands._args import comma_list
+from visionserve.server.decoder_guard import limit_decoders
 from visionserve.server.settings import MIB, MODEL_CONTROL_MODES, load_settings
 
 NAME = "serve"
@@ -137,17 +138,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(_overrides(args))
+    except (OSError, ValueError) as exc:
+        print(f"visionserve serve: {exc}", file=sys.stderr)
+        return 2
+    limit_decoders(settings.max_decoded_pixels)  # before anything imports cv2
     from visionserve.server.app import serve
 
     if args.log_format == "json":
         from visionserve.server.logs import use_json_logs
 
         use_json_logs()
-    try:
-        settings = load_settings(_overrides(args))
-    except (OSError, ValueError) as exc:
-        print(f"visionserve serve: {exc}", file=sys.stderr)
-        return 2
     try:
         return serve(settings, on_ready=_announce)
     except (OSError, RuntimeError, ValueError) as exc:
