@@ -1,10 +1,9 @@
-"""Finding input images and their ground truth on disk; writing outputs atomically."""
+"""Finding input images and their ground truth on disk."""
 
 from __future__ import annotations
 
 import glob
 import os
-import threading
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -113,28 +112,3 @@ def relative_name(image: Path, root: Path) -> Path:
 
 def output_path(image: Path, root: Path, out_dir: Path, suffix: str = ".png") -> Path:
     return (out_dir / relative_name(image, root)).with_suffix(suffix)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file.
-
-    The temporary name is unique per process and thread (no random names to draw, no
-    ``O_EXCL`` retries); ``os.open``'s mode 0o666 gets the umask applied, as for any file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    try:
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileNotFoundError:  # the folder's first file: create it (not per file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

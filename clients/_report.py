@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from visionserve.clients._dataset_iou import DatasetIoU, iou_from_confusion
-from visionserve.clients._files import write_atomic
+from visionserve.server.atomic import write_atomic
 
 WORST_IMAGES = 8
 HISTOGRAM_BINS = 10

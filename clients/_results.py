@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean_iou
-from visionserve.clients._files import write_atomic
 from visionserve.clients._render import decode_rgb, encode_png, overlay
+from visionserve.server.atomic import write_atomic
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from visionserve.export.datasets import sample
+from visionserve.server.atomic import write_atomic
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.preprocess import preprocess_batch
 
@@ -109,7 +109,5 @@ def merge_validation(path: Path, key: str, value: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object at the top level")
     data[key] = value
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return data

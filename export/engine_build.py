@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +39,7 @@ from visionserve.export.trt_builder import (
     engine_from_onnx_path,
     load_tensorrt,
 )
+from visionserve.server.atomic import write_atomic
 from visionserve.server.engine_compat import (
     AHEAD_OF_TIME,
     MANIFEST_FILE,
@@ -118,12 +118,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _failure(result: TensorRTResult, onnx_path: Path) -> str:
@@ -280,12 +274,12 @@ def build_engine(
     if not result.built or result.engine is None:
         raise EngineBuildError(_failure(result, onnx_path))
     plan_path = entry.directory / PRECISIONS[precision][1]
-    _write_atomic(plan_path, result.engine)
+    write_atomic(plan_path, result.engine)
     manifest = manifest_for(entry, result, target, precision, onnx_path, plan_path)
     manifest_path = entry.directory / MANIFEST_FILE
     if manifest_path.is_file():
         logger.info("replacing %s (the server loads the engine it names)", manifest_path)
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     logger.info(
         "wrote %s (%.1f MB, %.1f s) and %s",
         plan_path,

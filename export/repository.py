@@ -48,14 +48,7 @@ def write_model_config(repository: Path, config: ModelConfig) -> Path:
         if old.task != config.task or old.labels != config.labels:
             logger.warning("%s: replacing task/labels %s %s with %s %s", path, old.task, list(old.labels),
                            config.task, list(config.labels))
-    fd, tmp = tempfile.mkstemp(prefix=".model.yaml.", dir=model_dir)
-    os.close(fd)
-    try:
-        config.save(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    config.save(path)  # atomically
     return path
 
 

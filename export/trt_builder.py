@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from visionserve.server.atomic import write_atomic
 from visionserve.server.model_config import ShapeProfile
 
 logger = logging.getLogger(__name__)
@@ -244,10 +244,7 @@ def _save_timing_cache(config: Any, path: Path, info: dict[str, Any]) -> None:
     if cache is None:
         return
     data = bytes(cache.serialize())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # atomic: a concurrent build never reads half a cache
+    write_atomic(path, data)  # a concurrent build never reads half a cache
     info["saved_bytes"] = len(data)
 
 

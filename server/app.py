@@ -161,6 +161,7 @@ def _grpc_server(settings: ServerSettings, metrics: Metrics, gate: DrainIntercep
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the port fails, not shares it
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
@@ -171,7 +172,8 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
 
     Health is NOT_SERVING (and the services answer UNAVAILABLE) while models load.
     Returns the started server and the bound port (useful with port 0). A model that
-    fails to load stops the server and raises.
+    fails to load is NOT_SERVING (per-model health) and logged; the others serve. A port
+    already in use raises ``OSError`` (gRPC's SO_REUSEPORT is turned off).
     """
     check_decoders(settings.max_decoded_pixels)
     metrics, gate = Metrics(), DrainInterceptor()

@@ -35,14 +35,15 @@ def limit_decoders(max_pixels: int) -> bool:
     return True
 
 
-def _refused(pixels: int) -> bool:
-    """Whether OpenCV's bound refuses an image of ``pixels`` pixels, asked with a PGM
-    header alone (no pixel data: past the bound check, the decoder stops at once)."""
+def _refused(pixels: int, *, at_most: bool) -> bool:
+    """Whether OpenCV's bound refuses an image of about ``pixels`` pixels (``at_most``:
+    rounded down, else up, to whole rows of up to 2**20), asked with a PGM header alone
+    (no pixel data: past the bound check, the decoder stops at once)."""
     import cv2
     import numpy as np
 
     width = min(pixels, _MAX_SIDE)
-    height = -(-pixels // width)
+    height = pixels // width if at_most else -(-pixels // width)
     header = np.frombuffer(f"P5\n{width} {height}\n255\n".encode(), dtype=np.uint8)
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # "can't read data"
@@ -57,8 +58,8 @@ def _refused(pixels: int) -> bool:
 
 def check_decoders(max_pixels: int) -> bool:
     """Whether OpenCV's bound in force is ``max_pixels`` (logs a warning when it is not)."""
-    too_high = not _refused(max_pixels + 1)
-    too_low = _refused(max_pixels)
+    too_high = not _refused(max_pixels + 1, at_most=False)
+    too_low = _refused(max_pixels, at_most=True)
     if too_high:
         log.warning(
             "OpenCV's decoder bound (%s) is above the server's pixel limit %d: images in "

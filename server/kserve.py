@@ -158,7 +158,8 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     f"load parameters {sorted(r.parameters)} are not supported: the model is "
                     f"loaded from the server's repository as it is on disk"
                 )
-            self._registry.sync(ModelRepository(self._settings.repository), [r.model_name])
+            repository = ModelRepository(self._settings.repository)
+            self._registry.sync(repository, [r.model_name], strict=True)
             return kpb.RepositoryModelLoadResponse()
 
         return unary(load, request, context, "RepositoryModelLoad")

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from visionserve.server.atomic import write_atomic
 from visionserve.server.backends.registry import BACKEND_NAMES
 
 TASKS = ("classification", "segmentation")
@@ -280,4 +281,5 @@ class ModelConfig:
             raise ValueError(f"{path}: {exc}") from exc
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write (atomically replace) ``path`` with this config as YAML."""
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))

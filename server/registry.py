@@ -4,7 +4,10 @@
 are new or whose files changed are loaded and warmed up *first*, then the model's
 version table is replaced in one assignment (requests after it see the new table),
 and the versions that left it are retired: they finish the requests they hold, then
-close. A load that fails leaves the previous versions serving.
+close. A model that fails to load does not stop the others: its previous versions keep
+serving (or, with none, it is NOT_SERVING and requests for it are told why), the reason
+is logged once, and it is tried again only when its files change (``strict`` loads, the
+KServe RepositoryModelLoad, always try and raise the error instead).
 
 Requests hold a model with ``with registry.use(name, version) as model:``.
 """
@@ -12,6 +15,7 @@ Requests hold a model with ``with registry.use(name, version) as model:``.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import threading
 import time
@@ -33,6 +37,14 @@ from visionserve.server.requests import RequestLimits
 from visionserve.server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a model did not load, and the files it was loaded from (see ``model_files``)."""
+
+    reason: str
+    files: tuple[tuple[str, int, int], ...]
 
 
 def signature(entry: ModelEntry) -> tuple[int, ...]:
@@ -95,6 +107,7 @@ class ModelRegistry:
         limits: RequestLimits = RequestLimits(),
     ) -> None:
         self._models: dict[str, dict[int, ServedModel]] = {}
+        self._failures: dict[str, LoadFailure] = {}
         self._lock = threading.Lock()  # lookups + swaps
         self._load_lock = threading.Lock()  # one sync at a time
         self._intra_op_threads = intra_op_threads
@@ -114,19 +127,58 @@ class ModelRegistry:
             log.warning("model repository %s: no models loaded", repository.root)
         self.ready = True
 
-    def sync(self, repository: ModelRepository, names: list[str] | None = None) -> list[str]:
+    def sync(
+        self, repository: ModelRepository, names: list[str] | None = None, *, strict: bool = False
+    ) -> list[str]:
         """Load new/changed versions, swap them in, retire the old; returns changed names.
 
-        ``names`` None: the whole repository (models gone from disk are unloaded).
+        ``names`` None: the whole repository (models gone from disk are unloaded). A model
+        that fails to load is recorded (``failure``), not raised, unless ``strict``.
         """
         with self._load_lock:
             wanted = repository.model_names() if names is None else list(names)
-            changed = [n for n in wanted if self._sync_model(repository, n)]
+            changed = [n for n in wanted if self._try_sync(repository, n, strict)]
             if names is None:
+                for gone in sorted(set(self._failures) - set(wanted)):
+                    del self._failures[gone]
                 for gone in sorted(set(self._models) - set(wanted)):
                     self.unload(gone)
                     changed.append(gone)
             return changed
+
+    def failure(self, name: str) -> LoadFailure | None:
+        """Why ``name``'s files did not load (None: they did, or were not tried)."""
+        return self._failures.get(name)
+
+    def _try_sync(self, repository: ModelRepository, name: str, strict: bool) -> bool:
+        files = repository.model_files(name)  # NotFound for an unknown name: raised
+        failure = self._failures.get(name)
+        if failure is not None and failure.files == files and not strict:
+            return False  # these very files failed: tried again when they change
+        try:
+            changed = self._sync_model(repository, name)
+        except Exception as exc:
+            self._failed(name, exc, files)
+            if strict:
+                raise
+            return False
+        if self._failures.pop(name, None) is not None:
+            log.info("model %s: its changed files load", name)
+        return changed
+
+    def _failed(self, name: str, exc: Exception, files: tuple[tuple[str, int, int], ...]) -> None:
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        self._failures[name] = LoadFailure(reason, files)
+        serving = bool(self._models.get(name))
+        log.error(
+            "model %s failed to load (%s); %s; tried again when its files change",
+            name,
+            reason,
+            f"versions {self.versions(name)} keep serving" if serving else "NOT_SERVING",
+        )
+        log.debug("model %s: the load failure in full", name, exc_info=exc)
+        if not serving:
+            self._notify(name, False)
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests get NOT_FOUND, requests in flight finish."""
@@ -210,6 +262,11 @@ class ModelRegistry:
         check_model_name(name)
         wanted = parse_version(version)
         versions = self._models.get(name)
+        if not versions and name in self._failures:
+            raise Unavailable(
+                f"model {name!r} failed to load: {self._failures[name].reason} (fix its files "
+                f"in the repository; a polling server tries again when they change)"
+            )
         if not versions:
             raise NotFound(f"unknown model {name!r}: available models are {self._listing()}")
         if wanted is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,20 @@ class ModelRepository:
         return [
             self.entry(name, str(v)) for name in self.model_names() for v in self.versions(name)
         ]
+
+    def model_files(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """``(path, mtime_ns, size)`` of model.yaml and of every file in the model's
+        folders: what changes when its files are edited, added, removed or replaced."""
+        model_dir = self._model_dir(name)
+        found = []
+        for path in [model_dir / CONFIG_FILE, *sorted(model_dir.glob("*/*"))]:
+            try:
+                info = path.stat()
+            except OSError:  # removed meanwhile
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((path.relative_to(model_dir).as_posix(), info.st_mtime_ns, info.st_size))
+        return tuple(found)
 
     def _model_dir(self, name: str) -> Path:
         check_model_name(name)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from visionserve.clients import image_message, mask_message
-from visionserve.clients._files import find_images, match_ground_truth, output_path, write_atomic
+from visionserve.clients._files import find_images, match_ground_truth, output_path
 
 
 def touch(path: Path) -> Path:
@@ -43,14 +43,6 @@ def test_ground_truth_prefers_same_relative_path(tmp_path: Path) -> None:
 def test_output_mirrors_input_tree(tmp_path: Path) -> None:
     out = output_path(tmp_path / "in/x/cat.jpg", tmp_path / "in", tmp_path / "out")
     assert out == tmp_path / "out/x/cat.png"
-
-
-def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
-    target = tmp_path / "deep/mask.png"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in target.parent.iterdir()] == ["mask.png"]
 
 
 def test_messages_check_arrays() -> None:

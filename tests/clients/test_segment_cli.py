@@ -277,6 +277,29 @@ def test_ctrl_c_then_rerun_completes(
     assert_complete(out, dataset, reference_report)
 
 
+def test_a_client_killed_mid_write_leaves_no_temporary_file_after_the_rerun(
+    server_address: str, tmp_path: Path
+) -> None:
+    """kill -9 between writing a mask's temporary file and renaming it leaves
+    ``.<name>.<pid>-<thread>.partial``; the rerun removes it (its writer is gone)."""
+    images, gts = make_dataset(tmp_path, 4, noise=False)
+    out = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        "from visionserve.cli import main\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = segment_args(images, gts, out, server_address)
+    killed = subprocess.run([sys.executable, "-c", code, *args], timeout=120, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = list(out.rglob("*.partial"))
+    assert left and not list((out / "masks").rglob("*.png"))
+    assert main(args) == 0
+    assert not list(out.rglob("*.partial"))
+    assert len(list((out / "masks").rglob("*.png"))) == 4
+
+
 def test_unreachable_server_stops_cleanly(tmp_path: Path, dataset: tuple[Path, Path]) -> None:
     from client_helpers import free_port
 

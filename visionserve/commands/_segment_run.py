@@ -17,6 +17,7 @@ from visionserve.clients._html import render_html
 from visionserve.clients._journal import JOURNAL_NAME, Journal, JournalMismatch
 from visionserve.clients._report import build_report, dataset_iou, write_report
 from visionserve.clients._results import Job
+from visionserve.server.atomic import remove_partials
 
 
 def open_journal(
@@ -44,7 +45,9 @@ def open_journal(
 def plan(
     args: argparse.Namespace, root: Path, images: list[Path], journal: Journal
 ) -> tuple[list[str], list[Job], dict[str, str]]:
-    """(every key, the jobs still to do, failures known up front)."""
+    """(every key, the jobs still to do, failures known up front). Removes the temporary
+    files a run killed mid-write (kill -9) left in the output folder."""
+    remove_partials(args.out)
     gts = match_ground_truth(images, root, args.gt) if args.gt else dict.fromkeys(images)
     keys, jobs, failures = [], [], {}
     for image in images:

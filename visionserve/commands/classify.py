@@ -19,10 +19,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionserve.clients import AsyncVisionClient, ClassifyResult, VisionServeError
-from visionserve.clients._files import relative_key, resolve_inputs, write_atomic
+from visionserve.clients._files import relative_key, resolve_inputs
 from visionserve.clients._html import render_classify_html
 from visionserve.commands._args import positive_int
 from visionserve.commands.segment import client_options
+from visionserve.server.atomic import remove_partials, write_atomic
 
 NAME = "classify"
 HELP = "Classify a folder of images through a server; CSV of top-k labels"
@@ -89,6 +90,7 @@ async def _run(
             return 3 if error.retryable else 2
         results, failures = await _classify_all(args, client, images)
     keys = {image: relative_key(image, root) for image in images}
+    remove_partials(args.out.absolute().parent, recursive=False)  # of a killed earlier run
     _write_csv(args.out, images, keys, results, args.top_k)
     if truth is not None:
         report = accuracy_report(info.name, list(info.labels), truth, results, failures, keys)
