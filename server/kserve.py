@@ -185,7 +185,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         if not request.ready:
             for name in ModelRepository(self._settings.repository).model_names():
                 if name not in loaded:
-                    response.models.add(name=name, state="UNAVAILABLE", reason="unloaded")
+                    failure = self._registry.failure(name)
+                    reason = f"failed to load: {failure.reason}" if failure else "unloaded"
+                    response.models.add(name=name, state="UNAVAILABLE", reason=reason)
         return response
 
     def _require_explicit(self, action: str) -> None:

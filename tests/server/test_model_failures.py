@@ -124,6 +124,9 @@ def test_an_explicit_load_of_a_broken_model_answers_the_error_every_time(
                 )
             assert "Protobuf parsing failed" in caught.value.details()
         assert health(channel, BROKEN) == NOT_SERVING and health(channel, CLS) == SERVING
+        index = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=10)
+        (entry,) = [m for m in index.models if m.name == BROKEN]
+        assert entry.state == "UNAVAILABLE" and "failed to load" in entry.reason
 
 
 def test_a_second_server_on_a_port_in_use_fails_to_start(start_server) -> None:
