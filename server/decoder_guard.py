@@ -6,7 +6,8 @@ and raises before it allocates the image. OpenCV reads that variable ONCE, when 
 first imported (a static initialiser of imgcodecs); setting it afterwards changes nothing.
 
 So the bound is set in one place, :func:`limit_decoders`, from the server's
-``max_decoded_pixels``, by ``visionserve serve`` before anything imports ``cv2``; and
+``max_decoded_pixels``, by ``visionserve serve`` before anything imports ``cv2`` (the
+settings module therefore must not import ``cv2``, even indirectly: a test checks); and
 :func:`check_decoders` (called when a server is created) asks OpenCV which bound is in
 force and says so when it is not the server's limit (``cv2`` imported earlier by a program
 that embeds the server: the formats :mod:`codec` has no header check for are then checked

@@ -15,7 +15,6 @@ Requests hold a model with ``with registry.use(name, version) as model:``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import logging
 import threading
 import time
@@ -39,7 +38,7 @@ from visionserve.server.served_model import ServedModel
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LoadFailure:
     """Why a model did not load, and the files it was loaded from (see ``model_files``)."""
 

@@ -137,7 +137,8 @@ class ModelRepository:
             except OSError:  # removed meanwhile
                 continue
             if stat.S_ISREG(info.st_mode):
-                found.append((path.relative_to(model_dir).as_posix(), info.st_mtime_ns, info.st_size))
+                relative = path.relative_to(model_dir).as_posix()
+                found.append((relative, info.st_mtime_ns, info.st_size))
         return tuple(found)
 
     def _model_dir(self, name: str) -> Path:

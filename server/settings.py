@@ -10,10 +10,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from visionserve.server.model_config import check_backends
-from visionserve.server.requests import RequestLimits
+
+if TYPE_CHECKING:  # requests imports cv2; settings must not (see decoder_guard)
+    from visionserve.server.requests import RequestLimits
 
 MIB = 1024 * 1024
 
@@ -182,6 +184,8 @@ class ServerSettings:
 
     def request_limits(self) -> RequestLimits:
         """The request policy every model applies (pixel limit, default top-k)."""
+        from visionserve.server.requests import RequestLimits
+
         return RequestLimits(self.max_decoded_pixels, self.default_top_k)
 
     def batching_overrides(self) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def refused(stub: pb_grpc.VisionServiceStub, data: bytes, message: str) -> None:
 def still_serving(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    reply = segment(pb_grpc.VisionServiceStub(channel), encoded(".png", np.zeros((16, 16, 3), np.uint8)))
+    image = encoded(".png", np.zeros((16, 16, 3), np.uint8))
+    reply = segment(pb_grpc.VisionServiceStub(channel), image)
     assert reply.mask.height == 16 and reply.mask.width == 16
 
 
@@ -61,6 +62,16 @@ def test_tiff_bomb_is_refused_without_decoding_and_the_server_serves_on(
     assert time.monotonic() - started < 2.0
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 100  # MB
     still_serving(grpc_channel)
+
+
+def test_the_serve_command_and_settings_do_not_import_cv2() -> None:
+    """`visionserve serve` reads its settings, then sets OpenCV's bound, then imports the
+    server: importing cv2 before that (even indirectly) would make the bound too late."""
+    code = (
+        "import sys, visionserve.cli, visionserve.commands.serve, visionserve.server.settings;"
+        "sys.exit('cv2' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def _peak_rss_mb(pid: int) -> float:
