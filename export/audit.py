@@ -6,7 +6,8 @@ Two layers, both reported in one :class:`AuditReport`:
    TensorRT's ONNX-parser operator table, kept below as data, plus the specific
    known-bad patterns of the UNet/SegNet family: ``MaxPool`` with its ``Indices``
    output and ``MaxUnpool`` (rewrite those with
-   :func:`visionserve.export.trt_compat.make_tensorrt_compatible`).
+   :func:`visionserve.export.pooling_rewrite.rewrite_pooling`, which export and
+   import apply).
 2. When ``tensorrt`` or ``tensorrt_rtx`` is importable: parse the model *from its
    path* (external ``.onnx.data`` weights work) with ``OnnxParser`` and build a
    serialized engine with an optimisation profile from a
@@ -95,7 +96,7 @@ UNSUPPORTED_OPS: frozenset[str] = frozenset(
     """.split()
 )
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_REWRITE_HINT = "rewrite the model with visionserve.export.trt_compat.make_tensorrt_compatible"
+_REWRITE_HINT = "rewrite the graph with visionserve.export.pooling_rewrite.rewrite_pooling (export and import apply it)"
 
 
 # --- report -----------------------------------------------------------------------------------

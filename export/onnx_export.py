@@ -39,7 +39,7 @@ from torch import nn
 from visionserve.export.audit import AuditReport, audit_onnx
 from visionserve.export.checkpoint import is_program, load_checkpoint, read_metadata
 from visionserve.export.repository import write_repository_entry
-from visionserve.export.trt_compat import TRTMaxPool2d, TRTMaxUnpool2d, make_tensorrt_compatible
+from visionserve.export.pooling_rewrite import rewrite_pooling
 from visionserve.export.validate import (
     ExportValidationError,
     Tolerances,
@@ -179,13 +179,18 @@ def reference_module(model: nn.Module, task: str, size_multiple: int = 1) -> nn.
 
 def wrap_for_export(model: nn.Module, task: str, *, size_multiple: int = 1, with_probability: bool = False,
                     with_logits: bool = False) -> nn.Module:
-    """The TensorRT-compatible model with its task's post-processing fused on (eval mode)."""
-    if not is_program_module(model):
-        model = make_tensorrt_compatible(model)  # a deep copy; no-op without unpooling
+    """The model with its task's post-processing fused on (eval mode)."""
     if task == "classification":
         return eval_mode(ClassifierWithSoftmax(model))
     return eval_mode(SegmenterWithArgmax(PadToMultiple(model, size_multiple),
                                          with_probability=with_probability, with_logits=with_logits))
+
+
+def has_pooling_indices(model: nn.Module) -> bool:
+    """Whether ``model`` pools with indices or unpools: the TorchScript-based exporter cannot
+    export ``MaxUnpool2d``, so such modules go through the dynamo exporter."""
+    return any((isinstance(m, nn.MaxPool2d) and m.return_indices) or isinstance(m, nn.MaxUnpool2d)
+               for m in model.modules())
 
 
 def output_names(task: str, *, with_probability: bool = False, with_logits: bool = False) -> tuple[str, ...]:
@@ -244,21 +249,21 @@ def onnx_from_module(model: nn.Module, task: str, *, height: int, width: int, op
                      dynamo: bool | None = None) -> onnx.ModelProto:
     """Export ``model`` (a bare classifier or segmenter) with its post-processing to ONNX.
 
-    Pooling with indices and unpooling are first rewritten for TensorRT
-    (:func:`~visionserve.export.trt_compat.make_tensorrt_compatible`); segmenters are padded
-    to ``size_multiple``. ``dynamo``: None picks the TorchScript-based exporter
-    (``dynamo=False``) for ordinary modules and the dynamo one for ``torch.export`` programs
-    (which may keep opset 18 when 17 is asked for). Either way one self-contained model in
-    memory, no external data. Batch is dynamic; H and W too for segmenters.
+    Segmenters are padded to ``size_multiple``. ``dynamo``: None picks the TorchScript-based
+    exporter (``dynamo=False``) for ordinary modules and the dynamo one for ``torch.export``
+    programs and modules that pool with indices (which may keep opset 18 when 17 is asked
+    for). Either way one self-contained model in memory, no external data. Batch is dynamic;
+    H and W too for segmenters. Pooling with indices and unpooling are then rewritten in the
+    ONNX graph for TensorRT (:func:`~visionserve.export.pooling_rewrite.rewrite_pooling`,
+    the one rewrite for exported, ``.pt2`` and imported graphs).
     """
     wrapper = wrap_for_export(model, task, size_multiple=size_multiple, with_probability=with_probability,
                               with_logits=with_logits)
     names = output_names(task, with_probability=with_probability, with_logits=with_logits)
-    use_dynamo = is_program_module(model) if dynamo is None else dynamo
+    use_dynamo = (is_program_module(model) or has_pooling_indices(model)) if dynamo is None else dynamo
     example = torch.zeros(2 if use_dynamo else 1, 3, height, width)
     export = _dynamo_export if use_dynamo else _legacy_export
-    proto = export(wrapper, example, task, names, opset)
-    rewrites = sum(isinstance(m, (TRTMaxPool2d, TRTMaxUnpool2d)) for m in wrapper.modules())
+    proto, rewrites = rewrite_pooling(export(wrapper, example, task, names, opset))
     logger.info("exported %s graph (%s exporter): %d nodes, opset %s, %d TensorRT pooling rewrites",
                 task, "dynamo" if use_dynamo else "legacy", len(proto.graph.node),
                 [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")], rewrites)

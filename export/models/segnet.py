@@ -8,8 +8,8 @@ feature size, so odd input sizes round-trip), concatenates the encoder features
 class logits at the input resolution.
 
 As written, this model does not export to a graph TensorRT parses (``MaxUnpool``,
-two-output ``MaxPool``); pass it through
-:func:`visionserve.export.trt_compat.make_tensorrt_compatible` first.
+two-output ``MaxPool``); ``visionserve export`` rewrites the ONNX graph with
+:func:`visionserve.export.pooling_rewrite.rewrite_pooling`.
 """
 
 from __future__ import annotations

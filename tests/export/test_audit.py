@@ -124,7 +124,7 @@ def test_static_audit_names_nodes_and_known_bad_patterns() -> None:
     text = "\n".join(problems)
     assert "node 'pool_with_indices' (MaxPool): MaxPool with a second output (Indices)" in text
     assert "node 'the_unpool' (MaxUnpool): MaxUnpool is not supported" in text
-    assert "make_tensorrt_compatible" in text
+    assert "rewrite_pooling" in text
     assert "'strings' (StringNormalizer): not supported" in text
     assert "'custom' (FancyOp): domain 'com.example'" in text
     assert "'scatter_add' (ScatterND): ScatterND reduction" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 from visionserve.export.models.segnet import SegNet, segnet
-from visionserve.export.trt_compat import TRTMaxPool2d, TRTMaxUnpool2d, make_tensorrt_compatible
+from visionserve.export.onnx_export import ExportOptions, export_checkpoint, onnx_from_module
 from visionserve.server.model_config import ShapeProfile
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -63,103 +64,94 @@ def test_segnet_shapes_metadata_and_checks() -> None:
         segnet(num_classes=1)
 
 
-def test_rewritten_segnet_is_identical_in_torch() -> None:
-    model = _model()
-    rewritten = make_tensorrt_compatible(model)
-    assert sum(isinstance(m, TRTMaxPool2d) for m in rewritten.modules()) == 3
-    assert sum(isinstance(m, TRTMaxUnpool2d) for m in rewritten.modules()) == 3
-    assert not any(isinstance(m, (nn.MaxPool2d, nn.MaxUnpool2d)) for m in rewritten.modules())
-    rewritten.load_state_dict(model.state_dict())  # same keys: checkpoints load into either
-    with torch.no_grad():
-        for seed, shape in enumerate(SHAPES):
-            for kind in ("random", "small-int", "flat"):
-                x = _image(kind, shape, seed)
-                assert torch.equal(rewritten(x), model(x)), (kind, shape)
+class UserSegNet(nn.Module):
+    """A SegNet-style module as a user would write it (not the zoo's): pooling indices carried
+    to max-unpooling in the decoder."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.dec2, self.dec1 = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.enc1(x))
+        b, i1 = self.pool(a)
+        c = torch.relu(self.enc2(b))
+        d, i2 = self.pool(c)
+        e = self.unpool(d, i2, output_size=c.shape[-2:])
+        f = torch.relu(self.dec2(e))
+        return self.dec1(self.unpool(f, i1, output_size=a.shape[-2:]))
 
 
-def _export_rewritten(path: Path) -> SegNet:
-    model = _model()
-    torch.onnx.export(
-        make_tensorrt_compatible(model),
-        (torch.randn(2, 3, 32, 32),),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={
-            "image": {0: "batch", 2: "height", 3: "width"},
-            "logits": {0: "batch", 2: "height", 3: "width"},
-        },
-    )
+def user_segnet_program(path: Path, classes: int = 4) -> UserSegNet:
+    """Save a UserSegNet as a torch.export program (dynamic batch, H, W) at ``path``."""
+    torch.manual_seed(0)
+    model = UserSegNet(classes).eval()
+    dim = torch.export.Dim.DYNAMIC
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: dim, 2: dim, 3: dim},))
+    torch.export.save(program, str(path))
     return model
 
 
-def _assert_onnxruntime_matches(path: Path, model: nn.Module) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _assert_onnxruntime_matches(model_bytes: bytes, model: nn.Module) -> None:
+    """The mask of the exported graph equals PyTorch's argmax, ties in the pooling included."""
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     for seed, shape in enumerate(SHAPES):
         for kind in ("random", "small-int", "flat"):
             x = _image(kind, shape, seed)
             with torch.no_grad():
-                want = model(x).numpy()
+                want = model(x).argmax(1).numpy()
             (got,) = session.run(None, {"image": x.numpy()})
-            assert got.shape == want.shape
-            assert np.abs(got - want).max() <= 1e-4, (kind, shape)
-            assert (got.argmax(1) == want.argmax(1)).all(), (kind, shape)
+            assert np.array_equal(got, want), (kind, shape)
 
 
-def _graph_has_no_trt_blockers(path: Path) -> None:
-    nodes = onnx.load(str(path), load_external_data=False).graph.node
+def _graph_has_no_trt_blockers(model_bytes: bytes) -> None:
+    nodes = onnx.load_from_string(model_bytes).graph.node
     assert not [n.name for n in nodes if n.op_type == "MaxUnpool"]
     assert not [
         n.name for n in nodes if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]
     ]
 
 
-def test_rewritten_segnet_exports_and_matches_in_onnxruntime(tmp_path: Path) -> None:
-    path = tmp_path / "segnet.onnx"
-    model = _export_rewritten(path)
-    _graph_has_no_trt_blockers(path)
-    assert onnx.load(str(path)).opset_import[0].version == 17
-    _assert_onnxruntime_matches(path, model)
+def test_zoo_segnet_exports_through_the_onnx_rewrite() -> None:
+    model = _model()
+    proto = onnx_from_module(model, "segmentation", height=32, width=32)
+    assert proto.opset_import[0].version >= 17
+    _graph_has_no_trt_blockers(proto.SerializeToString())
+    _assert_onnxruntime_matches(proto.SerializeToString(), model)
+
+
+def test_user_segnet_program_exports_builds_and_matches(tmp_path: Path) -> None:
+    """A user-written SegNet through .pt2: rewritten, audited (TensorRT-RTX build where
+    installed), validated on tie-heavy images, written."""
+    model = user_segnet_program(tmp_path / "segnet.pt2")
+    (tmp_path / "model.json").write_text(json.dumps({
+        "task": "segmentation", "labels": ["a", "b", "c", "d"],
+        "input": {"height": 32, "width": 32}}))
+    report = export_checkpoint(tmp_path / "segnet.pt2", tmp_path / "repo", "usersegnet",
+                               options=ExportOptions(max_batch_size=4))
+    assert report["passed"] and report["audit"]["ok"], report["audit"]["problems"]
+    if HAS_RTX:
+        assert report["audit"]["tensorrt"]["built"]
+    onnx_bytes = (Path(report["version_dir"]) / "model.onnx").read_bytes()
+    _graph_has_no_trt_blockers(onnx_bytes)
+    _assert_onnxruntime_matches(onnx_bytes, model)
+    assert any(c["name"].startswith("tie-heavy") and c["passed"] for c in report["checks"])
 
 
 @pytest.mark.skipif(
     not HAS_RTX, reason="tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)"
 )
-def test_rewritten_segnet_parses_and_builds_with_tensorrt_rtx(tmp_path: Path) -> None:
+def test_zoo_segnet_parses_and_builds_with_tensorrt_rtx(tmp_path: Path) -> None:
     from visionserve.export.audit import audit_onnx
 
     path = tmp_path / "segnet.onnx"
-    _export_rewritten(path)
+    onnx.save(onnx_from_module(_model(), "segmentation", height=32, width=32), path)
     profile = ShapeProfile(batch=(1, 4, 8), height=(32, 256, 512), width=(32, 256, 512))
     report = audit_onnx(path, profile=profile, tensorrt="tensorrt_rtx", compute_capability="8.6")
     assert report.ok, report.problems
     assert report.tensorrt.parsed and report.tensorrt.built
     assert report.tensorrt.target == "SM86" and report.tensorrt.engine_bytes > 0
-
-
-@pytest.mark.slow
-def test_rewritten_segnet_with_dynamo_exporter(tmp_path: Path) -> None:
-    """The torch.export-based exporter (opset 18, external data) gives a graph just as good."""
-    from visionserve.export.audit import audit_onnx
-
-    model = _model()
-    path = tmp_path / "segnet_dynamo.onnx"
-    batch = torch.export.Dim("batch", min=1, max=64)
-    torch.onnx.export(
-        make_tensorrt_compatible(model),
-        (torch.randn(2, 3, 32, 32),),
-        str(path),
-        dynamo=True,
-        opset_version=18,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_shapes={"x": {0: batch, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}},
-    )
-    _graph_has_no_trt_blockers(path)
-    _assert_onnxruntime_matches(path, model)
-    report = audit_onnx(
-        path, profile=ShapeProfile(batch=(1, 4, 8), height=(32, 64, 128), width=(32, 64, 128))
-    )
-    assert report.ok, report.problems
