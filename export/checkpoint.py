@@ -7,7 +7,7 @@ and ``input`` are required.
 
 ``model.json``::
 
-    {"architecture": "resnet_small" | "unet" | "resnet18" | ...,
+    {"architecture": "resnet_small" | "unet" | "resnet18" | ... | "smp.Unet" | "torchvision.fcn_resnet50",
      "arch_kwargs": {...},                      # extra builder arguments
      "task": "classification" | "segmentation",
      "labels": [...],                           # class names; len = number of classes
@@ -16,6 +16,10 @@ and ``input`` are required.
      "metrics": {...}}                          # optional: what training measured
 
 Preprocessing: pixel / 255, then (x - mean) / std, RGB order, NCHW float32.
+
+``visionserve export`` flags (``--architecture``, ``--task``, ``--labels``, ``--input-size``,
+``--mean``, ``--std``) fill or override these fields (:func:`metadata_for`): flags win, and no
+``model.json`` is needed when the flags say it all.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from visionserve.export.models import TASK_OF_ARCHITECTURE, build_model
+from visionserve.export.models import TASK_OF_ARCHITECTURE, build_model, task_of
 from visionserve.server.model_config import TASKS
 
 logger = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10
 PROGRAM_SUFFIXES = (".pt2",)
 SAFETENSORS_SUFFIXES = (".safetensors",)
+ONNX_SUFFIXES = (".onnx",)
 
 
 def is_program(path: Path) -> bool:
@@ -52,13 +57,7 @@ def read_metadata(path: Path, *, program: bool = False) -> dict[str, Any]:
     ``program``: the metadata describes a ``torch.export`` program (see :func:`check_metadata`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint metadata {path} not found (expected model.json beside "
-                                "the checkpoint, or pass its path)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    data = _read_json(path)
     try:
         return check_metadata(data, program=program)
     except ValueError as exc:
@@ -76,13 +75,14 @@ def _check_task(data: dict[str, Any], program: bool) -> None:
             raise ValueError("a torch.export program's metadata must give 'input' with 'height' and "
                              f"'width' (and mean/std unless ImageNet's), got {data.get('input')!r}")
         return
-    if arch not in TASK_OF_ARCHITECTURE:
-        raise ValueError(f"'architecture' must be one of {sorted(TASK_OF_ARCHITECTURE)}, got {arch!r} "
-                         "(architectures outside the zoo: export a torch.export program, .pt2)")
-    data.setdefault("task", TASK_OF_ARCHITECTURE[arch])
-    if data["task"] != TASK_OF_ARCHITECTURE[arch]:
-        raise ValueError(f"architecture {arch!r} is a {TASK_OF_ARCHITECTURE[arch]} model, "
-                         f"but 'task' says {data['task']!r}")
+    task = task_of(arch) if isinstance(arch, str) else None
+    if task is None:
+        raise ValueError(f"'architecture' must be one of {sorted(TASK_OF_ARCHITECTURE)}, smp.<Name> "
+                         f"(segmentation_models_pytorch) or torchvision.<name>, got {arch!r} "
+                         "(other architectures: export a torch.export program, .pt2)")
+    data.setdefault("task", task)
+    if data["task"] != task:
+        raise ValueError(f"architecture {arch!r} is a {task} model, but 'task' says {data['task']!r}")
 
 
 def check_metadata(data: dict[str, Any], *, program: bool = False) -> dict[str, Any]:
@@ -108,6 +108,46 @@ def check_metadata(data: dict[str, Any], *, program: bool = False) -> dict[str, 
     data["input"] = spec
     data.setdefault("metrics", {})
     return data
+
+
+def metadata_for(checkpoint: Path, metadata: Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checked metadata of ``checkpoint``: ``metadata`` (default: ``model.json`` beside the
+    checkpoint, if there) with ``overrides`` applied on top (flags win). ``overrides`` holds
+    any of ``architecture``, ``task``, ``labels``, ``arch_kwargs`` and ``input`` (a dict merged
+    into the file's ``input``); None values are ignored."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix.lower() in ONNX_SUFFIXES:
+        raise ValueError(f"{checkpoint} is an ONNX model, not a PyTorch checkpoint: add it to a "
+                         f"repository with `visionserve import {checkpoint} --repository DIR --name NAME "
+                         "--task classification|segmentation --labels FILE|a,b,c`")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = Path(metadata) if metadata is not None else checkpoint.with_name("model.json")
+    program = is_program(checkpoint)
+    if not overrides or metadata is not None:
+        data = _read_json(path)
+    else:
+        data = _read_json(path) if path.is_file() else {}
+    data = dict(data)
+    data["input"] = {**(data.get("input") or {}), **overrides.pop("input", {})}
+    data.update(overrides)
+    try:
+        return check_metadata(data, program=program)
+    except ValueError as exc:
+        source = f"{path} + flags" if path.is_file() else "flags (no model.json)"
+        raise ValueError(f"{source}: {exc}; describe the checkpoint with --architecture, --task, "
+                         "--labels, --input-size (or a model.json, see README)") from exc
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint metadata {path} not found (expected model.json beside "
+                                "the checkpoint, or pass its path, or describe the checkpoint with "
+                                "--architecture, --task, --labels)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
@@ -147,6 +187,10 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict
     arch = metadata["architecture"]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    if unexpected and not missing and all(k.startswith("aux_classifier.") for k in unexpected):
+        raise ValueError(f"checkpoint has an auxiliary head ({len(unexpected)} aux_classifier.* keys) that "
+                         f"{arch!r} {metadata['arch_kwargs']} lacks: set arch_kwargs {{\"aux_loss\": true}} "
+                         "(model.json) to load it; export serves the main head only")
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not fit architecture {arch!r} {metadata['arch_kwargs']}: "

@@ -37,17 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from visionserve.export.audit import AuditReport, audit_onnx
-from visionserve.export.checkpoint import is_program, load_checkpoint, read_metadata
-from visionserve.export.repository import write_repository_entry
+from visionserve.export.checkpoint import load_checkpoint, metadata_for
+from visionserve.export.entry import finish_entry
+from visionserve.export.model_probe import single_tensor_model, torch_size_multiple
 from visionserve.export.pooling_rewrite import rewrite_pooling
-from visionserve.export.validate import (
-    ExportValidationError,
-    Tolerances,
-    sample_inputs,
-    validate_onnx,
-)
+from visionserve.export.validate import Tolerances, sample_inputs, torch_reference
 from visionserve.server.backends.registry import BACKEND_NAMES
 from visionserve.server.model_config import InputSpec, ModelConfig, ShapeProfile
+from visionserve.server.repository import check_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -347,45 +344,55 @@ def _audit_or_raise(model_bytes: bytes, config: ModelConfig, options: ExportOpti
     return audit
 
 
+def _segmentation_multiple(model: nn.Module, meta: dict[str, Any]) -> int:
+    """lcm of the model's ``size_multiple``, the metadata's and what running the model shows."""
+    return math.lcm(size_multiple_of(model, meta), torch_size_multiple(model))
+
+
 def export_checkpoint(checkpoint: Path, repository: Path, name: str, *, metadata: Path | None = None,
-                      version: int | None = None, samples: Path | None = None,
-                      backends: tuple[str, ...] = DEFAULT_BACKENDS, options: ExportOptions | None = None,
+                      overrides: dict[str, Any] | None = None, version: int | None = None,
+                      samples: Path | None = None, backends: tuple[str, ...] = DEFAULT_BACKENDS,
+                      options: ExportOptions | None = None,
                       tolerances: Tolerances | None = None) -> dict[str, Any]:
     """Export a checkpoint to ``repository/name/<version>/model.onnx`` and return the validation
     report (with the op audit under ``"audit"``), also written as ``validation.json``.
 
     ``checkpoint``: ``.pth`` state_dict, ``.safetensors``, or ``torch.export`` program ``.pt2``;
-    ``metadata`` defaults to ``model.json`` beside it. Nothing is written when the audit finds
-    problems (``ExportAuditError``, unless ``options.allow_unsupported``) or ONNX Runtime and
-    PyTorch disagree beyond ``tolerances`` (``ExportValidationError``, carrying the report).
+    ``metadata`` defaults to ``model.json`` beside it; ``overrides`` (the CLI flags) win over
+    it (:func:`~visionserve.export.checkpoint.metadata_for`). Nothing is written when the audit
+    finds problems (``ExportAuditError``, unless ``options.allow_unsupported``) or ONNX Runtime
+    and PyTorch disagree beyond ``tolerances`` (``ExportValidationError``, carrying the report).
     """
     options, tolerances = options or ExportOptions(), tolerances or Tolerances()
     checkpoint = Path(checkpoint)
-    metadata_path = Path(metadata) if metadata is not None else checkpoint.with_name("model.json")
-    meta = read_metadata(metadata_path, program=is_program(checkpoint))
-    model, task = load_checkpoint(checkpoint, meta), meta["task"]
-    multiple = size_multiple_of(model, meta) if task == "segmentation" else 1
+    check_model_name(name)
+    meta = metadata_for(checkpoint, metadata, overrides)
+    task, height, width = meta["task"], int(meta["input"]["height"]), int(meta["input"]["width"])
+    model = single_tensor_model(eval_mode(load_checkpoint(checkpoint, meta)), height, width)
+    multiple = _segmentation_multiple(model, meta) if task == "segmentation" else 1
     flags = {"with_probability": options.with_probability, "with_logits": options.with_logits}
-    proto = check_onnx(onnx_from_module(model, task, height=int(meta["input"]["height"]),
-                                        width=int(meta["input"]["width"]), opset=options.opset,
-                                        size_multiple=multiple, **flags))
+    try:
+        proto = check_onnx(onnx_from_module(model, task, height=height, width=width, opset=options.opset,
+                                            size_multiple=multiple, **flags))
+    except ValueError:
+        raise
+    except Exception as exc:  # exporter failures: say which model and why, no traceback
+        raise ValueError(f"torch.onnx.export could not export {meta['architecture']!r}: "
+                         f"{type(exc).__name__}: {str(exc)[:600]}") from exc
     config = model_config_from_metadata(name, meta, backends=backends, max_batch_size=options.max_batch_size,
                                         outputs=output_names(task, **flags))
     model_bytes = proto.SerializeToString()
     audit = _audit_or_raise(model_bytes, config, options)
-    report = validate_onnx(model_bytes, reference_module(model, task, multiple), task,
-                           sample_inputs(meta, samples), tolerances=tolerances)
-    report["audit"] = audit.to_dict() | {"allowed_unsupported": not audit.ok}
-    report["export"] = asdict(options) | {"size_multiple": multiple, "pad_mode": PAD_MODE if multiple > 1 else None,
-                                          "exporter": "dynamo" if is_program_module(model) else "legacy"}
-    report["source"] = {"checkpoint": str(checkpoint), "metadata": str(metadata_path),
-                        "architecture": meta["architecture"], "arch_kwargs": meta["arch_kwargs"],
-                        "opset": report["graph"]["opset"], "training_metrics": _brief_metrics(meta.get("metrics", {}))}
-    if not report["passed"]:
-        raise ExportValidationError(report)
-    files = {"model.onnx": model_bytes, "validation.json": (json.dumps(report, indent=2) + "\n").encode()}
-    version_dir = write_repository_entry(Path(repository), config, files, version=version)
-    report["version_dir"], report["version"] = str(version_dir), int(version_dir.name)
+    details = {
+        "export": asdict(options) | {"size_multiple": multiple, "pad_mode": PAD_MODE if multiple > 1 else None,
+                                     "exporter": "dynamo" if is_program_module(model) else "legacy"},
+        "source": {"checkpoint": str(checkpoint), "architecture": meta["architecture"],
+                   "arch_kwargs": meta["arch_kwargs"], "opset": max(
+                       o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                   "training_metrics": _brief_metrics(meta.get("metrics", {}))}}
+    report = finish_entry(model_bytes, config, audit, torch_reference(reference_module(model, task, multiple)),
+                          sample_inputs(meta, samples), repository=Path(repository), version=version,
+                          tolerances=tolerances, details=details)
     report["audit_summary"] = audit_summary(audit)
     return report
 

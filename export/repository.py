@@ -2,7 +2,10 @@
 
 A version directory appears complete or not at all: its files are written into a hidden
 temporary directory (``.tmp-*``) beside it and renamed into place. Version directories are
-positive integers; readers should skip names that are not.
+positive integers; readers should skip names that are not. Names and versions follow the
+server's rules (:func:`visionserve.server.repository.check_model_name`, ``VERSION_RE``), so
+whatever is written can be served. Files are written mode 0644 and directories 0755: a server
+running as another user can read them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from visionserve.server.model_config import ModelConfig
+from visionserve.server.repository import VERSION_RE, check_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +36,12 @@ def next_version(model_dir: Path) -> int:
     return max(existing_versions(model_dir), default=0) + 1
 
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
 def _check_name(name: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"model name must be a plain directory name (no slashes, not hidden), got {name!r}")
+    check_model_name(name)  # the server's rule: what is written can be served
 
 
 def write_model_config(repository: Path, config: ModelConfig) -> Path:
@@ -62,19 +69,20 @@ def write_version(repository: Path, name: str, files: Mapping[str, bytes], *,
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir) if version is None else int(version)
-    if version < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
+    if not VERSION_RE.fullmatch(str(version)):
+        raise ValueError(f"version must be an integer from 1 to 999999999, got {version}")
     target = model_dir / str(version)
     if target.exists():
         raise FileExistsError(f"{target} already exists; choose another --version "
                               f"(next free: {next_version(model_dir)}) or remove it")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a server may run as another user
+        tmp.chmod(DIR_MODE)  # mkdtemp makes it private; a server may run as another user
         for file_name, content in files.items():
             if Path(file_name).name != file_name:
                 raise ValueError(f"file names must be plain names, got {file_name!r}")
             (tmp / file_name).write_bytes(content)
+            (tmp / file_name).chmod(FILE_MODE)
         os.rename(tmp, target)  # fails if another writer created the version meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,8 @@
 """Model zoo: architecture name -> keyword-only builder.
 
 Builders are imported on first use, so importing this package does not import torch.
+Besides the zoo's names: ``smp.<Name>`` (segmentation_models_pytorch) and
+``torchvision.<name>`` (see :mod:`visionserve.export.models.ecosystem`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,23 @@ class _Registry(Mapping[str, Callable[..., Any]]):
 ARCHITECTURES: Mapping[str, Callable[..., Any]] = _Registry()
 
 
+def task_of(architecture: str) -> str | None:
+    """The task of a zoo, ``smp.`` or ``torchvision.`` architecture; None for an unknown name
+    (``ValueError`` for an unknown ``smp.``/``torchvision.`` one, saying which exist)."""
+    if architecture in TASK_OF_ARCHITECTURE:
+        return TASK_OF_ARCHITECTURE[architecture]
+    from visionserve.export.models.ecosystem import ecosystem_task, is_ecosystem
+
+    return ecosystem_task(architecture) if is_ecosystem(architecture) else None
+
+
 def build_model(architecture: str, *, num_classes: int, **arch_kwargs: Any) -> Any:
-    """Build ``architecture`` (a name from ``ARCHITECTURES``) for ``num_classes`` classes."""
+    """Build ``architecture`` (a name from ``ARCHITECTURES``, or ``smp.<Name>`` /
+    ``torchvision.<name>``) for ``num_classes`` classes."""
+    from visionserve.export.models.ecosystem import build_ecosystem, is_ecosystem
+
+    if is_ecosystem(architecture):
+        return build_ecosystem(architecture, num_classes=num_classes, **arch_kwargs)
     if architecture not in _BUILDERS:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(_BUILDERS)}")
     return ARCHITECTURES[architecture](num_classes=num_classes, **arch_kwargs)
