@@ -302,17 +302,21 @@ def audit_summary(report: AuditReport) -> str:
 
 def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
                                backends: tuple[str, ...] = DEFAULT_BACKENDS, max_batch_size: int = 8,
-                               outputs: tuple[str, ...] | None = None) -> ModelConfig:
+                               outputs: tuple[str, ...] | None = None, fixed_size: bool = False,
+                               fixed_batch: bool = False) -> ModelConfig:
     """The ``model.yaml`` of an exported checkpoint. ``outputs``: the graph's output names
-    (default: the task's defaults); each is listed under its role, which is its name."""
+    (default: the task's defaults); each is listed under its role, which is its name.
+    Segmenters take any H, W (``pad`` mode) unless ``fixed_size``; ``fixed_batch``: the graph
+    takes batches of exactly ``max_batch_size``."""
     spec = metadata["input"]
     task = metadata["task"]
     height, width = int(spec["height"]), int(spec["width"])
-    batch = (1, max_batch_size, max(PROFILE_MAX_BATCH, max_batch_size))  # opt <= max always
-    if task == "segmentation":
+    batch = ((max_batch_size,) * 3 if fixed_batch
+             else (1, max_batch_size, max(PROFILE_MAX_BATCH, max_batch_size)))  # opt <= max always
+    dynamic = task == "segmentation" and not fixed_size
+    if dynamic:
         low, high = SEGMENTATION_SIZE_RANGE
-        profile = ShapeProfile(batch=batch,
-                               height=(min(low, height), height, max(high, height)),
+        profile = ShapeProfile(batch=batch, height=(min(low, height), height, max(high, height)),
                                width=(min(low, width), width, max(high, width)))
     else:
         profile = ShapeProfile(batch=batch)
@@ -324,7 +328,7 @@ def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
         # shape buckets (the buckets default to a ladder over the profile).
         input=InputSpec(name=INPUT_NAME, height=height, width=width,
                         mean=tuple(spec["mean"]), std=tuple(spec["std"]),
-                        mode="pad" if task == "segmentation" else "resize"),
+                        mode="pad" if dynamic else "resize"),
         outputs={n: n for n in (outputs or output_names(task))},
         profile=profile,
         max_batch_size=max_batch_size,

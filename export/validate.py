@@ -156,7 +156,8 @@ def sample_inputs(metadata: dict[str, Any], samples: Path | None = None, *,
     shapes = [(b, int(spec["height"]), int(spec["width"])) for b in batch_sizes]
     ties = [(max(batch_sizes), int(spec["height"]), int(spec["width"]))]
     if metadata["task"] == "segmentation":
-        others = [(OTHER_SIZE_BATCH, h, w) for h, w in sizes if (h, w) != shapes[0][1:]]
+        other_batch = min(OTHER_SIZE_BATCH, max(batch_sizes))
+        others = [(other_batch, h, w) for h, w in sizes if (h, w) != shapes[0][1:]]
         shapes, ties = shapes + others, ties + others
     images = iter(_load_samples(samples, sum(b for b, _, _ in shapes)))
     batches = {f"generated b{b} {h}x{w}": preprocess([next(images) for _ in range(b)], h, w, mean, std)

@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "Generate the synthetic shapes data set (images, masks, labels)",
     "train": "Train the demo ResNet classifier or UNet segmenter on a data set",
     "export": "Export a checkpoint to ONNX (TensorRT-compatible, op-audited, validated) into a model repository",
+    "import": "Import an ONNX model made elsewhere into a model repository (fused outputs, audit, validation)",
     "build": "Build a TensorRT engine (and an FP16 ONNX) for a model in a repository",
     "serve": "Serve a model repository over gRPC",
     "segment": "Segment a folder of images through a server; masks + IoU report",
@@ -24,8 +25,11 @@ COMMANDS = {
 }
 
 
+_MODULES = {"import": "import_onnx"}  # a module cannot be called ``import``
+
+
 def _load(name: str):
-    return importlib.import_module(f"visionserve.commands.{name}")
+    return importlib.import_module(f"visionserve.commands.{_MODULES.get(name, name)}")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
