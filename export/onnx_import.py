@@ -248,7 +248,7 @@ def imported_graph(original: onnx.ModelProto, inp: GraphInput, output: str, spec
     dropped = prune(model)
     if dropped:
         logger.info("dropped %d node(s) no served output needs", dropped)
-    model, rewrites = rewrite_pooling(model)
+    model, rewrites = rewrite_pooling(model, strict=False)
     return check_onnx(model), rewrites
 
 

@@ -17,7 +17,8 @@ all in TensorRT's supported set, and bit-exact:
 Supported: 2-D pooling (NCHW), any kernel and stride, ``pads`` 0, ``dilations`` 1,
 ``ceil_mode`` 0, ``storage_order`` 0, dynamic batch and H, W; opset 13 or later (older
 graphs are converted first). Anything else raises :class:`UnsupportedPoolingError` naming
-the node. NaN inputs are not supported (a NaN maximum has no index here).
+the node (or, with ``strict=False`` as export and import call it, is left for the op audit
+to report). NaN inputs are not supported (a NaN maximum has no index here).
 """
 
 from __future__ import annotations
@@ -209,9 +210,28 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def rewrite_pooling(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def _rewrite_node(node: onnx.NodeProto, b: _Builder, types: dict[str, int]) -> list[onnx.NodeProto]:
+    """The nodes replacing ``node`` (raises :class:`UnsupportedPoolingError` before adding any)."""
+    if node.op_type == "MaxUnpool":
+        _unpool(b, node, types.get(node.input[0], TensorProto.FLOAT) or TensorProto.FLOAT)
+        return b.nodes
+    kernel, strides = _check_pool(node, _attrs(node))
+    pool = onnx.NodeProto.FromString(node.SerializeToString())
+    del pool.output[1:]
+    for i in [i for i, a in enumerate(pool.attribute) if a.name == "storage_order"][::-1]:
+        del pool.attribute[i]
+    _pool_indices(b, node.input[0], node.output[0], node.output[1], kernel, strides)
+    return [pool, *b.nodes]
+
+
+def rewrite_pooling(model: onnx.ModelProto, *, strict: bool = True) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every ``MaxPool`` indices output and every ``MaxUnpool``
-    rewritten (see the module docstring); returns ``(model, number of nodes rewritten)``."""
+    rewritten (see the module docstring); returns ``(model, number of nodes rewritten)``.
+
+    A node this rewrite cannot express raises :class:`UnsupportedPoolingError`, or with
+    ``strict=False`` is kept as it is (logged): the op audit then names it, and
+    ``--allow-unsupported`` can still write the model for ONNX Runtime.
+    """
     if not needs_pooling_rewrite(model):
         return model, 0
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -226,17 +246,14 @@ def rewrite_pooling(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             nodes.append(node)
             continue
         b = _Builder(prefix=node.name or node.output[0], opset=_opset(model), taken=taken)
-        if node.op_type == "MaxUnpool":
-            _unpool(b, node, types.get(node.input[0], TensorProto.FLOAT) or TensorProto.FLOAT)
-        else:
-            kernel, strides = _check_pool(node, _attrs(node))
-            pool = onnx.NodeProto.FromString(node.SerializeToString())
-            del pool.output[1:]
-            for i in [i for i, a in enumerate(pool.attribute) if a.name == "storage_order"][::-1]:
-                del pool.attribute[i]
-            nodes.append(pool)
-            _pool_indices(b, node.input[0], node.output[0], node.output[1], kernel, strides)
-        nodes.extend(b.nodes)
+        try:
+            nodes.extend(_rewrite_node(node, b, types))
+        except UnsupportedPoolingError as exc:
+            if strict:
+                raise
+            logger.warning("kept as it is: %s", exc)
+            nodes.append(node)
+            continue
         model.graph.initializer.extend(b.constants)
         rewritten += 1
     del model.graph.node[:]

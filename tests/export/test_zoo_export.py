@@ -80,8 +80,9 @@ def test_zoo_exports_audit_and_match(tmp_path: Path, architecture: str) -> None:
         assert written["graph"]["outputs"] == ["mask", "probability"]
         assert ModelConfig.load(tmp_path / f"repo/{architecture}/model.yaml").outputs == {
             "mask": "mask", "probability": "probability"}
-    if architecture == "segnet":
-        assert "ScatterElements" in written["graph"]["op_types"]
+    if architecture == "segnet":  # unpooling: a scatter; the pooling indices: rewritten
+        assert {"ScatterND", "ScatterElements"} & set(written["graph"]["op_types"])
+        assert "MaxUnpool" not in written["graph"]["op_types"]
 
     audit = written["audit"]
     assert audit["ok"] and audit["problems"] == [] and not audit["allowed_unsupported"]
@@ -161,11 +162,25 @@ def test_torch_export_program_of_a_classifier(tmp_path: Path) -> None:
     assert report["audit"]["ok"], report["audit"]["problems"]
 
 
+class _CeilPooled(nn.Module):
+    """Pooling with indices in ceil mode: the rewrite cannot express it, so it stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True, ceil_mode=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        pooled, indices = self.pool(y)
+        return self.unpool(pooled, indices, output_size=y.shape[-2:])
+
+
 def test_cli_refuses_a_graph_tensorrt_cannot_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A SegNet saved as a torch.export program: its max-pool indices stay in the graph
+    # A torch.export program whose max-pool indices the rewrite cannot express (ceil mode)
     torch.manual_seed(0)
-    segnet = build_model("segnet", num_classes=3, base_channels=4, depth=2)
-    checkpoint = _program(tmp_path / "ckpt", segnet, ["bg", "a", "b"])
+    checkpoint = _program(tmp_path / "ckpt", _CeilPooled(), ["bg", "a", "b"])
     args = ["export", "--checkpoint", str(checkpoint), "--repository", str(tmp_path / "repo"),
             "--name", "raw-segnet", "--no-tensorrt-check"]
     assert main(args) == 1
