@@ -12,7 +12,9 @@ and ``input`` are required.
      "task": "classification" | "segmentation",
      "labels": [...],                           # class names; len = number of classes
      "input": {"height": 96, "width": 96, "mean": [r, g, b], "std": [r, g, b],
-               "size_multiple": 1},             # optional: H, W must be multiples of it
+               "size_multiple": 1,              # optional: H, W must be multiples of it
+               "mode": "resize" | "resize_crop",  # classifiers; default: resize_crop for
+               "resize_size": 256},             # torchvision classifiers, else resize
      "metrics": {...}}                          # optional: what training measured
 
 Preprocessing: pixel / 255, then (x - mean) / std, RGB order, NCHW float32.
@@ -44,6 +46,7 @@ _SHOW = 10
 PROGRAM_SUFFIXES = (".pt2",)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 ONNX_SUFFIXES = (".onnx",)
+CLASSIFIER_MODES = ("resize", "resize_crop")
 
 
 def is_program(path: Path) -> bool:
@@ -105,6 +108,9 @@ def check_metadata(data: dict[str, Any], *, program: bool = False) -> dict[str, 
         raise ValueError(f"'input' needs positive height/width and 3-value mean/std, got {spec}")
     if int(spec.get("size_multiple", 1)) < 1:
         raise ValueError(f"'input.size_multiple' must be a positive integer, got {spec['size_multiple']!r}")
+    if spec.get("mode") not in (None, *CLASSIFIER_MODES):
+        raise ValueError(f"'input.mode' must be one of {CLASSIFIER_MODES} (classifiers; segmenters: "
+                         f"export measures pad vs resize), got {spec['mode']!r}")
     data["input"] = spec
     data.setdefault("metrics", {})
     return data

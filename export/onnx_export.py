@@ -39,6 +39,7 @@ from torch import nn
 from visionserve.export.audit import AuditReport, audit_onnx
 from visionserve.export.checkpoint import load_checkpoint, metadata_for
 from visionserve.export.entry import finish_entry
+from visionserve.export.models.ecosystem import is_torchvision_classifier
 from visionserve.export.model_probe import single_tensor_model, torch_size_multiple
 from visionserve.export.pooling_rewrite import rewrite_pooling
 from visionserve.export.validate import Tolerances, sample_inputs, torch_reference
@@ -300,6 +301,21 @@ def audit_summary(report: AuditReport) -> str:
     return text + f"{where}: {'build' if result.parsed else 'parse'} failed"
 
 
+def _input_mode(metadata: dict[str, Any], dynamic: bool) -> dict[str, Any]:
+    """``mode`` (and ``resize_size``) of the input: ``pad`` for dynamic segmenters; for
+    classifiers the metadata's mode, by default ``resize_crop`` (torchvision's Resize +
+    CenterCrop) for torchvision classifiers and ``resize`` for the others."""
+    if dynamic:
+        return {"mode": "pad"}
+    spec = metadata["input"]
+    if metadata["task"] != "classification":
+        return {"mode": "resize"}
+    mode = spec.get("mode") or ("resize_crop" if is_torchvision_classifier(
+        str(metadata.get("architecture", ""))) else "resize")
+    size = spec.get("resize_size") if mode == "resize_crop" else None
+    return {"mode": mode, "resize_size": None if size is None else int(size)}
+
+
 def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
                                backends: tuple[str, ...] = DEFAULT_BACKENDS, max_batch_size: int = 8,
                                outputs: tuple[str, ...] | None = None, fixed_size: bool = False,
@@ -327,8 +343,7 @@ def model_config_from_metadata(name: str, metadata: dict[str, Any], *,
         # Segmenters take any H, W: served at the image's own resolution, padded to
         # shape buckets (the buckets default to a ladder over the profile).
         input=InputSpec(name=INPUT_NAME, height=height, width=width,
-                        mean=tuple(spec["mean"]), std=tuple(spec["std"]),
-                        mode="pad" if dynamic else "resize"),
+                        mean=tuple(spec["mean"]), std=tuple(spec["std"]), **_input_mode(metadata, dynamic)),
         outputs={n: n for n in (outputs or output_names(task))},
         profile=profile,
         max_batch_size=max_batch_size,

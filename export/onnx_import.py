@@ -69,8 +69,11 @@ class ImportSpec:
     input_size: tuple[int, int] | None = None
     output: str | None = None
     with_probability: bool = False
+    input_mode: str = "resize"  # classifiers: or "resize_crop" (torchvision's eval transforms)
 
     def __post_init__(self) -> None:
+        if self.input_mode not in ("resize", "resize_crop"):
+            raise ValueError(f"input_mode must be 'resize' or 'resize_crop', got {self.input_mode!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if len(self.labels) < 2:
@@ -270,7 +273,8 @@ def import_onnx(path: Path, repository: Path, name: str, spec: ImportSpec, *, ve
     kind, multiple = _probe(session, inp, output, spec, size)
     model, rewrites = imported_graph(original, inp, output, spec, kind, multiple)
     meta = {"task": spec.task, "labels": list(spec.labels),
-            "input": {"height": size[0], "width": size[1], "mean": list(spec.mean), "std": list(spec.std)}}
+            "input": {"height": size[0], "width": size[1], "mean": list(spec.mean), "std": list(spec.std),
+                      "mode": spec.input_mode}}
     batch = 1 if inp.batch == 1 else options.max_batch_size
     config = model_config_from_metadata(name, meta, backends=backends or DEFAULT_BACKENDS,
                                         max_batch_size=batch, outputs=tuple(o.name for o in model.graph.output),

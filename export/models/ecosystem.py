@@ -22,6 +22,18 @@ TORCHVISION_PREFIX = "torchvision."
 _DOWNLOADS = ("encoder_weights", "weights", "weights_backbone")
 
 
+_ZOO_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's ResNets
+
+
+def is_torchvision_classifier(architecture: str) -> bool:
+    """Whether ``architecture`` is a torchvision classifier (the zoo's torchvision ResNets or
+    ``torchvision.<classifier>``): trained, as a rule, with resize 256 + centre crop 224."""
+    if architecture in _ZOO_TORCHVISION:
+        return True
+    return architecture.startswith(TORCHVISION_PREFIX) and \
+        _torchvision_task(architecture[len(TORCHVISION_PREFIX):]) == "classification"
+
+
 def is_ecosystem(architecture: str) -> bool:
     return architecture.startswith((SMP_PREFIX, TORCHVISION_PREFIX))
 

@@ -46,6 +46,8 @@ def test_fine_tuned_resnet50_exports_with_one_command(tmp_path: Path, capsys) ->
     config, report = _entry(repo, "pets")
     assert config.task == "classification" and len(config.labels) == 37
     assert (config.input.height, config.input.width) == (64, 64)
+    # torchvision classifiers: torchvision's eval transforms (resize 256/224 of the crop, centre crop)
+    assert config.input.mode == "resize_crop" and config.input.resize_size == 73
     assert report["passed"] and report["audit"]["ok"]
     assert not (tmp_path / "model.json").exists()
     for path in (repo / "pets" / "model.yaml", repo / "pets" / "1" / "model.onnx",

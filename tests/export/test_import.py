@@ -89,6 +89,7 @@ def test_imported_classifier_is_served_like_the_original(tmp_path: Path, start_s
                  "--task", "classification", "--labels", str(tmp_path / "labels.txt")])
     assert code == 0
     config = _config(repo, "tiny-cls")
+    # import cannot know how the model was trained: plain resize unless --input-mode resize_crop
     assert config.input.mode == "resize" and (config.input.height, config.input.width) == (64, 64)
     assert config.input.name == "input" and set(config.outputs) == {"logits", "probabilities"}
     for file in (repo / "tiny-cls" / "model.yaml", repo / "tiny-cls" / "1" / "model.onnx"):

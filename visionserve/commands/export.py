@@ -60,6 +60,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="normalisation mean of pixel/255 (default: ImageNet's)")
     parser.add_argument("--std", type=triple, default=None, metavar="R,G,B",
                         help="normalisation std of pixel/255 (default: ImageNet's)")
+    parser.add_argument("--input-mode", choices=("resize", "resize_crop"), default=None,
+                        help="classifiers: how images become the input (resize_crop: short side to "
+                             "256/224 of the size, centre crop, as torchvision's eval transforms; "
+                             "default: resize_crop for torchvision classifiers, else resize)")
     parser.add_argument("--arch-kwargs", default=None, metavar="JSON",
                         help='extra builder arguments as JSON, e.g. \'{"encoder_name": "resnet34"}\'')
     parser.add_argument("--repository", type=Path, required=True, help="model repository directory")
@@ -119,6 +123,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         spec["mean"] = args.mean
     if args.std:
         spec["std"] = args.std
+    if args.input_mode:
+        spec["mode"] = args.input_mode
     kwargs = None
     if args.arch_kwargs:
         try:

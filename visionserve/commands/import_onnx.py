@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=size, default=None, metavar="HxW",
                         help="input size for models with a dynamic H, W (classifiers: the size they are "
                              "served at; segmenters: the profile's opt size; default 224x224)")
+    parser.add_argument("--input-mode", choices=("resize", "resize_crop"), default="resize",
+                        help="classifiers: resize (default: import cannot know how the model was "
+                             "trained) or resize_crop (short side to 256/224 of the size, centre crop, "
+                             "as torchvision's eval transforms)")
     parser.add_argument("--output", default=None, metavar="NAME",
                         help="the output with the logits or probabilities, when the model has several")
     parser.add_argument("--version", type=positive_int, default=None, help="version number (default: next free)")
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     def attempt() -> dict[str, Any]:
         spec = ImportSpec(task=args.task, labels=tuple(args.labels),
                           mean=tuple(args.mean or IMAGENET_MEAN), std=tuple(args.std or IMAGENET_STD),
-                          input_size=args.input_size, output=args.output,
+                          input_size=args.input_size, output=args.output, input_mode=args.input_mode,
                           with_probability=args.with_probability)
         options = ExportOptions(tensorrt="none" if args.no_tensorrt_check else "auto",
                                 compute_capability=args.compute_capability,
