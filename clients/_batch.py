@@ -470,7 +470,7 @@ class BatchRunner:
 
 def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -> None:
     """The server's per-class counts must be those of the returned mask's confusion matrix."""
-    intersection, union = iou_from_confusion(np.asarray(confusion))
+    intersection, union, _ = iou_from_confusion(np.asarray(confusion))
     server_i = [int(c.intersection) for c in response.iou.classes]
     server_u = [int(c.union) for c in response.iou.classes]
     if server_i != intersection.tolist() or server_u != union.tolist():

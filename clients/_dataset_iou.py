@@ -2,7 +2,8 @@
 
 The mmsegmentation convention: IoU_c = sum_i I_ic / sum_i U_ic, and mean IoU is the
 NaN-skipping mean over classes present anywhere in the data set. The per-image mean
-IoU is kept too, but it is a different (and usually lower) number.
+IoU is kept too, but it is a different (and usually lower) number. The arithmetic is
+``server/iou.py``'s (one implementation for training, validation, server and clients).
 """
 
 from __future__ import annotations
@@ -14,20 +15,12 @@ import numpy as np
 
 from visionserve.clients._types import IoUResult
 # One implementation for server and client (re-exported by visionserve.clients).
-from visionserve.server.iou import confusion_matrix  # noqa: F401
-
-
-def iou_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(intersection, union) per class from a confusion matrix."""
-    intersection = np.diag(confusion).astype(np.int64)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
-    return intersection, union.astype(np.int64)
-
-
-def nan_mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
-    """Mean IoU over classes with a non-zero union (NaN if there is none)."""
-    present = union > 0
-    return float(np.mean(intersection[present] / union[present])) if present.any() else math.nan
+from visionserve.server.iou import (  # noqa: F401
+    confusion_matrix,
+    iou_from_confusion,
+    iou_from_counts,
+    nan_mean,
+)
 
 
 @dataclass
@@ -56,12 +49,10 @@ class DatasetIoU:
         return len(self.per_image_miou)
 
     def iou(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.union > 0, self.intersection / np.maximum(self.union, 1), np.nan)
+        return iou_from_counts(self.intersection, self.union)
 
     def mean_iou(self) -> float:
-        iou = self.iou()
-        return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else math.nan
+        return nan_mean(self.iou())
 
     def pixel_accuracy(self) -> float:
         return self.correct_pixels / self.scored_pixels if self.scored_pixels else math.nan

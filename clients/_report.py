@@ -38,7 +38,7 @@ def dataset_iou(
         confusion += np.asarray(record["confusion"], np.int64)
         miou = record.get("miou")
         totals.per_image_miou.append(math.nan if miou is None else float(miou))
-    totals.intersection, totals.union = iou_from_confusion(confusion)
+    totals.intersection, totals.union, _ = iou_from_confusion(confusion)
     totals.correct_pixels = int(np.trace(confusion))
     totals.scored_pixels = int(confusion.sum())
     return totals, confusion

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean_iou
+from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean
 from visionserve.clients._render import decode_rgb, encode_png, overlay
 from visionserve.server.atomic import write_atomic
 
@@ -40,7 +40,7 @@ def build_record(
     }
     if truth is not None:
         confusion = confusion_matrix(mask, truth, num_classes, ignore_index)
-        miou = nan_mean_iou(*iou_from_confusion(confusion))
+        miou = nan_mean(iou_from_confusion(confusion)[2])
         record.update(
             confusion=confusion.tolist(),
             miou=None if np.isnan(miou) else miou,

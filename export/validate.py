@@ -39,6 +39,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 from visionserve.export.datasets import read_image, sample
+from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import InputSpec
 from visionserve.server.preprocess import preprocess_batch
 
@@ -205,14 +206,11 @@ def _agreement(ours: np.ndarray, reference: np.ndarray, logits: np.ndarray, tol:
 
 
 def mask_iou(ours: np.ndarray, reference: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Per-class IoU of two class masks (None: class in neither) and the mean over present ones."""
-    per_class: list[float | None] = []
-    for c in range(num_classes):
-        a, b = ours == c, reference == c
-        union = int(np.logical_or(a, b).sum())
-        per_class.append(int(np.logical_and(a, b).sum()) / union if union else None)
-    present = [v for v in per_class if v is not None]
-    return {"per_class_iou": per_class, "mean_iou": float(np.mean(present)) if present else math.nan}
+    """Per-class IoU of two class masks (None: class in neither) and the mean over present ones
+    (``server/iou.py``'s arithmetic; no pixel is ignored)."""
+    result = compute_iou(ours, reference, num_classes, ignore_index=None)
+    per_class = [None if math.isnan(v) else float(v) for v in result.iou]
+    return {"per_class_iou": per_class, "mean_iou": result.mean_iou}
 
 
 def _classification_checks(got: dict[str, np.ndarray], scores: np.ndarray, tol: Tolerances,

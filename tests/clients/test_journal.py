@@ -111,8 +111,9 @@ def test_confusion_matrix_rows_are_truth_and_ignore_is_left_out() -> None:
     pred = np.array([[0, 1, 1], [2, 0, 0]], np.uint8)
     cm = confusion_matrix(pred, truth, 3, 255)
     assert cm.tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
-    inter, union = iou_from_confusion(cm)
+    inter, union, iou = iou_from_confusion(cm)
     assert inter.tolist() == [1, 1, 1] and union.tolist() == [3, 3, 1]
+    assert iou.tolist() == [1 / 3, 1 / 3, 1.0]
     with pytest.raises(ValueError, match="class values 7 outside the valid range 0..2"):
         confusion_matrix(pred, np.full_like(truth, 7), 3, 255)
     with pytest.raises(ValueError, match="must be the same size"):
