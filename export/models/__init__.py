@@ -19,10 +19,12 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "resnet101": ("resnet", "resnet101"),
     "unet": ("unet", "unet"),
     "segnet": ("segnet", "segnet"),
+    "vgg16_bn": ("vgg", "vgg16_bn"),
+    "segnet_vgg16_bn": ("segnet_vgg", "segnet_vgg16_bn"),
 }
 
 TASK_OF_ARCHITECTURE: dict[str, str] = {
-    name: ("segmentation" if module in ("unet", "segnet") else "classification")
+    name: ("segmentation" if module in ("unet", "segnet", "segnet_vgg") else "classification")
     for name, (module, _) in _BUILDERS.items()
 }
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 from visionserve.export.checkpoint import write_metadata
-from visionserve.export.models import build_model, randomise_batchnorm
+from visionserve.export.models import TASK_OF_ARCHITECTURE, build_model, randomise_batchnorm
 from visionserve.export.onnx_export import ExportOptions, export_checkpoint
 from visionserve.server.model_config import ModelConfig
 
@@ -28,6 +28,10 @@ ZOO = {  # architecture -> (arch_kwargs, input size): small channels where the b
     "resnet50": ({}, 64),
     "unet": ({"base_channels": 8, "depth": 3}, 64),
     "segnet": ({"base_channels": 8, "depth": 3}, 64),
+    # the lecture's VGG-16-BN (13 convolutions; a 1x1-pooled narrow head at 64x64) and the
+    # original SegNet on it (5 pool-with-indices stages -> 5 unpool stages), channels / 8
+    "vgg16_bn": ({"pool_size": 1, "hidden": 64}, 64),
+    "segnet_vgg16_bn": ({"width": 8}, 64),
 }
 
 
@@ -71,7 +75,7 @@ def test_zoo_exports_audit_and_match(tmp_path: Path, architecture: str) -> None:
     written = json.loads((version_dir / "validation.json").read_text())
     _assert_matches_pytorch(written)
 
-    segmenter = architecture in ("unet", "segnet")
+    segmenter = TASK_OF_ARCHITECTURE[architecture] == "segmentation"
     dims = onnx.load(str(version_dir / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == (["batch", "", "height", "width"] if segmenter else
                                            ["batch", "", "", ""])
@@ -80,7 +84,7 @@ def test_zoo_exports_audit_and_match(tmp_path: Path, architecture: str) -> None:
         assert written["graph"]["outputs"] == ["mask", "probability"]
         assert ModelConfig.load(tmp_path / f"repo/{architecture}/model.yaml").outputs == {
             "mask": "mask", "probability": "probability"}
-    if architecture == "segnet":  # unpooling: a scatter; the pooling indices: rewritten
+    if architecture in ("segnet", "segnet_vgg16_bn"):  # unpooling: a scatter; the pooling indices: rewritten
         assert {"ScatterND", "ScatterElements"} & set(written["graph"]["op_types"])
         assert "MaxUnpool" not in written["graph"]["op_types"]
 
