@@ -16,11 +16,18 @@ def test_generate_train_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["generate", "--out", str(tmp_path / "val"), "--count", "16", "--size", "64",
                  "--seed", "1"]) == 0
     assert len(list((tmp_path / "train/images").glob("*.png"))) == 48
-    assert main(["train", "--task", "segmentation", "--data", str(tmp_path / "train"),
-                 "--val", str(tmp_path / "val"), "--out", str(tmp_path / "ckpt"), "--epochs", "1",
-                 "--batch-size", "16", "--arch-kwargs", '{"base_channels": 4, "depth": 3}']) == 0
-    out = capsys.readouterr().out
-    assert "epoch   1" in out and "per-class IoU" in out
+    train = ["train", "--task", "segmentation", "--data", str(tmp_path / "train"),
+             "--val", str(tmp_path / "val"), "--out", str(tmp_path / "ckpt"), "--epochs", "1",
+             "--batch-size", "16", "--arch-kwargs", '{"base_channels": 4, "depth": 3}', "--loss", "soft-iou"]
+    # a floor no one-epoch model reaches: exit 1 naming the classes; the checkpoint is still written
+    assert main([*train, "--min-class-iou", "0.999"]) == 1
+    captured = capsys.readouterr()
+    assert "epoch   1" in captured.out and "per-class IoU" in captured.out
+    assert "quality floor: held-out IoU below --min-class-iou 0.999 for " in captured.err
+    assert any(f" {name} 0." in captured.err for name in ("background", "circle", "square", "triangle"))
+    assert (tmp_path / "ckpt/model.pth").is_file()
+    meta = json.loads((tmp_path / "ckpt/model.json").read_text())
+    assert meta["metrics"]["config"]["loss"] == "soft-iou"
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt/model.pth"),
                  "--repository", str(tmp_path / "repo"), "--name", "shapes-seg"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from visionserve.export.checkpoint import load_checkpoint
-from visionserve.export.train import TrainConfig, confusion_iou, train
+from visionserve.export.train import TrainConfig, classes_below, evaluate, load_arrays, train
 
 
 def test_classifier_loss_decreases_and_checkpoint_loads(tmp_path: Path, small_data) -> None:
@@ -38,12 +38,42 @@ def test_segmenter_loss_decreases(tmp_path: Path, small_data) -> None:
     load_checkpoint(tmp_path / "ckpt/model.pth", metadata)
 
 
-def test_confusion_iou_counts() -> None:
-    target = np.array([[0, 0, 1, 1], [2, 2, 255, 1]], np.uint8)
-    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 1]], np.uint8)
-    inter, union = confusion_iou(pred, target, 3)
-    assert inter.tolist() == [1, 3, 1]  # the 255 pixel is ignored
-    assert union.tolist() == [3, 4, 2]
+class _Fixed(torch.nn.Module):
+    """Predicts fixed masks (as logits), the next ``len(x)`` of them at each call."""
+
+    def __init__(self, masks: np.ndarray, num_classes: int) -> None:
+        super().__init__()
+        self.masks = torch.from_numpy(masks).long()
+        self.num_classes = num_classes
+        self.done = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = self.masks[self.done:self.done + x.shape[0]]
+        self.done += x.shape[0]
+        return torch.nn.functional.one_hot(masks, self.num_classes).permute(0, 3, 1, 2).float()
+
+
+def test_evaluate_scores_like_the_server(tmp_path: Path, small_data) -> None:
+    from visionserve.server.iou import compute_iou
+
+    _, val_dir = small_data
+    data = load_arrays(val_dir)
+    data.masks[0, :5] = 255  # ignored pixels
+    rng = np.random.default_rng(0)
+    pred = np.where(rng.random(data.masks.shape) < 0.9, data.masks, rng.integers(0, 4, data.masks.shape))
+    pred = np.where(data.masks == 255, 0, pred).astype(np.uint8)
+    metrics = evaluate(_Fixed(pred, 4), data, "segmentation", (0.0,) * 3, (1.0,) * 3, batch_size=5)
+    expected = compute_iou(pred.reshape(-1, pred.shape[-1]), data.masks.reshape(-1, pred.shape[-1]), 4)
+    assert metrics["miou"] == pytest.approx(expected.mean_iou)
+    assert list(metrics["iou"].values()) == pytest.approx(expected.iou.tolist())
+
+
+def test_classes_below_the_floor() -> None:
+    metrics = {"iou": {"background": 0.99, "circle": 0.7, "triangle": 0.0, "square": float("nan")}}
+    assert classes_below(metrics, 0.5) == {"triangle": 0.0}  # NaN: absent from the held-out data
+    assert classes_below(metrics, 0.75) == {"circle": 0.7, "triangle": 0.0}
+    assert classes_below(metrics, 0.0) == {}
+    assert classes_below({"accuracy": 0.3}, 0.5) == {}
 
 
 def test_config_checks() -> None:

@@ -8,6 +8,7 @@ Every step runs the real ``visionserve`` subcommand, printed before it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from visionserve.clients import VisionClient
+from visionserve.export.recipe import DEFAULT_MIN_CLASS_IOU
 
 CLASSIFIER, SEGMENTER = "shapes-resnet", "shapes-unet"
 
@@ -29,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--export-only", action="store_true",
                         help="stop after export: leave a model repository in WORKDIR/models (the compose export job)")
+    parser.add_argument("--min-class-iou", type=float, default=DEFAULT_MIN_CLASS_IOU,
+                        help="quality floor: fail, naming the class, when the segmenter's IoU for any class "
+                             "ends below it, held out after training and through the server "
+                             f"(default: {DEFAULT_MIN_CLASS_IOU}; 0 disables; --quick disables it)")
 
 
 def _step(*args: str) -> None:
@@ -43,7 +49,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train_and_export(work: Path, quick: bool) -> None:
+def _train_and_export(work: Path, quick: bool, floor: float) -> None:
     counts = ("64", "32") if quick else ("3000", "300")
     _step("generate", "--out", str(work / "data/train"), "--count", counts[0], "--seed", "0")
     _step("generate", "--out", str(work / "data/val"), "--count", counts[1], "--seed", "1")
@@ -51,7 +57,7 @@ def _train_and_export(work: Path, quick: bool) -> None:
     for task, name in (("classification", CLASSIFIER), ("segmentation", SEGMENTER)):
         ckpt = work / "checkpoints" / name
         _step("train", "--task", task, "--data", str(work / "data/train"), "--val", str(work / "data/val"),
-              "--out", str(ckpt), *extra)
+              "--out", str(ckpt), *extra, *(["--min-class-iou", str(floor)] if task == "segmentation" else []))
         _step("export", "--checkpoint", str(ckpt / "model.pth"), "--repository", str(work / "models"),
               "--name", name, "--version", "1", *([] if not quick else ["--samples", str(work / "data/val/images")]))
 
@@ -79,11 +85,18 @@ def _serve_and_call(work: Path, port: int) -> None:
         print("\nserver stopped", flush=True)
 
 
+def _served_classes_below(work: Path, floor: float) -> dict[str, float]:
+    """Classes whose dataset-level IoU through the server (the segment report) is below ``floor``."""
+    report = json.loads((work / "results/segment/report.json").read_text())
+    return {c["label"]: c["iou"] for c in report["iou"]["classes"] if c["iou"] is not None and c["iou"] < floor}
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     work = args.workdir.resolve()
+    floor = 0.0 if args.quick else args.min_class_iou
     try:
-        _train_and_export(work, args.quick)
+        _train_and_export(work, args.quick, floor)
         if args.export_only:
             print(f"\nmodel repository ready in {work / 'models'} ({time.monotonic() - start:.0f} s)")
             return 0
@@ -92,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
         step = error.cmd[3]
         print(f"\ndemo failed: `visionserve {step} ...` exited with {error.returncode} (see above)",
               file=sys.stderr)
+        return 1
+    below = _served_classes_below(work, floor) if floor > 0 else {}
+    if below:
+        named = ", ".join(f"{name} {value:.4f}" for name, value in below.items())
+        print(f"\ndemo failed: served IoU below the floor {floor} for {named} "
+              f"(report: {work / 'results/segment/report.json'})", file=sys.stderr)
         return 1
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s; everything is under {work}")
     print(f"  masks:   {work / 'results/segment/masks'}   report: {work / 'results/segment/report.html'}")
