@@ -56,7 +56,7 @@ def train_once(data: Path, val: Path, seed: int, threads: int, extra: list[str],
                "--threads", str(threads), "--min-class-iou", "0", *extra]
     cpu, wall = _cpu_seconds(), time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, env=env)  # its per-epoch lines show progress
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     metrics = json.loads((out / "model.json").read_text())["metrics"]
     return {"seed": seed, "threads": threads, "miou": metrics["miou"], "iou": metrics["iou"],
