@@ -13,9 +13,13 @@ LOSSES = ("ce", "soft-iou", "ce+soft-iou")
 # Segmentation quality floor of `train` and `demo`: a class whose held-out IoU ends below it fails the run.
 DEFAULT_MIN_CLASS_IOU = 0.5
 
-# Measured on 3000 generated 96x96 images (held out: 300, another seed), 2 CPU cores.
+# Classification: measured on 3000 generated 96x96 images (held out: 300, another seed), 2 CPU cores.
+# Segmentation: ce+soft-iou without class weighting left the triangle at IoU 0.000 (mIoU 0.60)
+# after 12 epochs on 1200 64x64 images (seed 0, 1 thread); with class-weighted cross-entropy,
+# all else equal, every class >= 0.82 (mIoU 0.90). Old recipe (ce+dice, 4 epochs) for the
+# demo: triangle 0.000 on another CPU (issue #12). 6 epochs: more steps, within the demo's budget.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"epochs": 6, "lr": 3e-3, "arch_kwargs": {}, "loss": "ce", "class_weighting": False},
-    "segmentation": {"epochs": 4, "lr": 5e-3, "arch_kwargs": {"base_channels": 8, "depth": 4},
-                     "loss": "ce+soft-iou", "class_weighting": False},
+    "segmentation": {"epochs": 6, "lr": 5e-3, "arch_kwargs": {"base_channels": 8, "depth": 4},
+                     "loss": "ce+soft-iou", "class_weighting": True},
 }

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULTS['segmentation']['loss']})")
     parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
                         help="segmentation: weigh cross-entropy by inverse square-root class pixel "
-                             "frequency (default: off)")
+                             f"frequency (default: {'on' if DEFAULTS['segmentation']['class_weighting'] else 'off'})")
     parser.add_argument("--min-class-iou", type=float, default=DEFAULT_MIN_CLASS_IOU,
                         help="segmentation quality floor: exit 1, naming the class, when any class's "
                              "held-out IoU ends below it; the checkpoint is still written "
