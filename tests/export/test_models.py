@@ -9,9 +9,10 @@ from visionserve.export.models.unet import UNet, unet
 
 def test_registry_lists_every_architecture() -> None:
     assert set(ARCHITECTURES) == {"resnet_small", "resnet18", "resnet34", "resnet50", "resnet101", "unet",
-                                 "segnet"}
-    assert TASK_OF_ARCHITECTURE["unet"] == TASK_OF_ARCHITECTURE["segnet"] == "segmentation"
-    assert TASK_OF_ARCHITECTURE["resnet50"] == "classification"
+                                 "segnet", "vgg16_bn", "segnet_vgg16_bn"}
+    assert (TASK_OF_ARCHITECTURE["unet"] == TASK_OF_ARCHITECTURE["segnet"]
+            == TASK_OF_ARCHITECTURE["segnet_vgg16_bn"] == "segmentation")
+    assert TASK_OF_ARCHITECTURE["resnet50"] == TASK_OF_ARCHITECTURE["vgg16_bn"] == "classification"
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vgg16", num_classes=3)
 
