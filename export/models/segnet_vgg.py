@@ -10,8 +10,8 @@ convolution giving the class scores (13 decoder convolutions, mirroring the enco
 skip connections: only the indices cross over.
 ``width`` scales every channel count (64: the original; smaller: quick tests).
 
-Exported through :func:`visionserve.export.trt_compat.make_tensorrt_compatible` (the
-exporter does this), ``MaxPool`` indices and ``MaxUnpool`` become ops TensorRT parses.
+On export, the ONNX pooling rewrite (``visionserve.export.pooling_rewrite``) turns the
+``MaxPool`` indices and ``MaxUnpool`` into ops TensorRT parses.
 """
 
 from __future__ import annotations
