@@ -66,8 +66,9 @@ def parse_args() -> argparse.Namespace:
         "--queue-delay-ms",
         type=float,
         default=0.0,
-        help="server max_queue_delay_ms (default 0: batches form from the "
-        "requests that queued while the previous batch ran)",
+        help="server max_queue_delay_ms (default 0: batches form from the requests that "
+        "queued while the previous batch ran; batching is adaptive either way: an idle "
+        "model runs a lone request at once, a busy one gathers up to this delay)",
     )
     parser.add_argument(
         "--intra-op-threads",
@@ -142,8 +143,6 @@ def start_server(repository: Path, max_batch: int, args: argparse.Namespace):
         str(repository),
         "--port",
         "0",
-        "--workers",
-        str(args.clients + 8),
         "--max-batch-size",
         str(max_batch),
         "--max-queue-delay-ms",

@@ -1,19 +1,29 @@
-"""The gRPC server: visionserve.v1 + KServe v2 + grpc.health.v1 + reflection on one port.
+"""The gRPC server (grpc.aio): visionserve.v1 + KServe v2 + grpc.health.v1 + reflection on one port.
+
+Requests are coroutines on one event loop, which runs in a thread of its own
+(``visionserve-loop``), so ``create_server`` and the returned ``VisionServer`` are
+plain synchronous objects for callers and tests. Decoding and pre/post-processing run
+in a CPU pool sized to the usable cores (``--workers``), inference in each model's
+batcher threads; the loop only translates messages and waits, so health checks and
+metadata calls are answered at once however busy the models are.
 
 ``create_server(settings)`` binds (TLS when configured), starts, loads and warms the
 models, flips health to SERVING and returns ``(server, port)``; ``serve(settings)``
-does that, then blocks until SIGTERM/SIGINT, flips health to NOT_SERVING, refuses new
-RPCs and lets every accepted one finish within the grace period.
+does that, then blocks until SIGTERM/SIGINT and drains: health NOT_SERVING at once, new
+calls refused with UNAVAILABLE, every admitted request answered, open streams told to
+finish (each new item answered UNAVAILABLE in-band), all within the grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +32,8 @@ from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
 from visionserve.server.backends.registry import describe
 from visionserve.server.decoder_guard import check_decoders
 from visionserve.server.interceptors import (
-    DrainInterceptor,
+    Gate,
+    MalformedInterceptor,
     MetricsInterceptor,
     TokenAuthInterceptor,
 )
@@ -31,7 +42,7 @@ from visionserve.server.kserve import InferenceServicer
 from visionserve.server.metrics import Metrics
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.repository import ModelRepository
-from visionserve.server.service import SERVICE_NAME, VisionServicer
+from visionserve.server.service import SERVICE_NAME, Serving, VisionServicer
 from visionserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +50,8 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_LINGER_S = 0.25
+SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)
+T = TypeVar("T")
 
 
 def model_health_name(model: str) -> str:
@@ -46,39 +59,80 @@ def model_health_name(model: str) -> str:
     return f"{SERVICE_NAME}/{model}"
 
 
-class VisionServer:
-    """A started server: the grpc.Server, its health servicer, model registry and metrics.
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread; ``call`` runs a coroutine on it."""
 
-    ``stop`` behaves like ``grpc.Server.stop`` but first flips every health status to
-    NOT_SERVING and stops the repository poller; ``close`` then releases the models
-    and the metrics endpoint.
+    def __init__(self, name: str = "visionserve-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T | None:
+        """Run ``coro`` on the loop and wait for it; from the loop's own thread, schedule
+        it and return None (waiting there would deadlock)."""
+        if threading.current_thread() is self._thread:
+            self.loop.create_task(coro)
+            return None
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class VisionServer:
+    """A started server: the aio server, its health servicer, model registry and metrics.
+
+    ``stop(grace)`` drains as the module says and returns an event set once the server
+    has stopped; ``close`` then releases the models, the CPU pool, the metrics endpoint
+    and the event loop.
     """
 
     def __init__(
-        self,
-        server: grpc.Server,
-        port: int,
-        health_servicer: health.HealthServicer,
-        registry: ModelRegistry,
-        metrics: Metrics,
-        gate: DrainInterceptor,
+        self, settings: ServerSettings, loop: EventLoopThread, metrics: Metrics, gate: Gate
     ) -> None:
-        self.grpc_server = server
-        self.port = port
-        self.health = health_servicer
-        self.registry = registry
+        self.settings = settings
+        self.port = 0
+        self.metrics_port: int | None = None
         self.metrics = metrics
         self.gate = gate
-        self.metrics_port: int | None = None
         self.draining = threading.Event()
+        self.stopped = threading.Event()
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.cpu_workers(), thread_name_prefix="visionserve-cpu"
+        )
+        self._loop = loop
         self._poller: threading.Thread | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.registry = ModelRegistry(
+            intra_op_threads=settings.intra_op_threads,
+            warmup=settings.warmup,
+            overrides=settings.batching_overrides(),
+            metrics=metrics,
+            on_change=self.set_model_health,
+            drain_timeout=max(settings.grace_period_s, 1.0),
+            limits=settings.request_limits(),
+            admission=settings.admission_policy(),
+        )
 
     def is_ready(self) -> bool:
         return self.registry.ready and not self.draining.is_set()
 
+    def set_health(self, name: str, serving: bool) -> None:
+        """Set one health service's status (from any thread)."""
+        self._loop.call(self.health.set(name, SERVING if serving else NOT_SERVING))
+
     def set_model_health(self, name: str, serving: bool) -> None:
         if not self.draining.is_set():
-            self.health.set(model_health_name(name), SERVING if serving else NOT_SERVING)
+            self.set_health(model_health_name(name), serving)
 
     def start_polling(self, repository: ModelRepository, interval: float) -> None:
         """Rescan ``repository`` every ``interval`` seconds until ``stop``."""
@@ -96,33 +150,61 @@ class VisionServer:
         self._poller = threading.Thread(target=poll, name="repository-poller", daemon=True)
         self._poller.start()
 
-    def stop(self, grace: float | None) -> threading.Event:
-        """NOT_SERVING; refuse new RPCs (UNAVAILABLE) and give in-flight ones ``grace`` s.
+    async def start_grpc(self) -> int:
+        """Build the aio server on the loop, add the services, bind and start it."""
+        server = self.grpc_server = _grpc_server(self.settings, self.metrics, self.gate)
+        serving = Serving(self.registry, self.settings, self.executor, lambda: self.gate.draining)
+        visionserve_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(serving), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(serving, self.is_ready), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
+        for name in SERVICES:
+            await self.health.set(name, NOT_SERVING)
+        self.port = _bind(server, self.settings)
+        await server.start()
+        return self.port
 
-        With a grace period this blocks until the requests in flight are done (or the
-        grace period is over), then stops the gRPC server with what is left of it.
-        """
+    def stop(self, grace: float | None) -> threading.Event:
+        """Drain within ``grace`` s (None: stop at once); the event is set once stopped."""
         self.draining.set()
-        self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.join()
+        if self.grpc_server is None or self.stopped.is_set():
+            self.stopped.set()
+            return self.stopped
+        done = self._loop.submit(self._stop(grace))
+        done.add_done_callback(lambda _: self.stopped.set())
+        return self.stopped
+
+    async def _stop(self, grace: float | None) -> None:
+        assert self.grpc_server is not None
+        await self.health.enter_graceful_shutdown()
         if grace is None:
-            return self.grpc_server.stop(None)
+            self.gate.draining = True
+            await self.grpc_server.stop(None)
+            return
         end = time.monotonic() + grace
-        if not self.gate.drain(grace):
+        if not await self.gate.drain(grace):
             log.warning("grace period over with requests still in flight: cancelling them")
         # Linger a moment, refusing stragglers with UNAVAILABLE: calls arriving while the
         # transport shuts down would otherwise be CANCELLED by gRPC core.
-        time.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
-        return self.grpc_server.stop(max(0.0, end - time.monotonic()))
+        await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
+        await self.grpc_server.stop(max(0.0, end - time.monotonic()))
 
     def close(self) -> None:
-        """After ``stop``: drain and close every model, stop the metrics endpoint."""
+        """After ``stop``: drain and close every model, the pool, metrics, the loop."""
         self.registry.close()
         self.metrics.close()
+        self.executor.shutdown(wait=True)
+        self._loop.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
+        return self.stopped.wait(timeout)
 
     def __enter__(self) -> VisionServer:
         return self
@@ -132,7 +214,7 @@ class VisionServer:
         self.close()
 
 
-def _bind(server: grpc.Server, settings: ServerSettings) -> int:
+def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
     try:
         if settings.tls:
             client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
@@ -151,12 +233,12 @@ def _bind(server: grpc.Server, settings: ServerSettings) -> int:
     return port
 
 
-def _grpc_server(settings: ServerSettings, metrics: Metrics, gate: DrainInterceptor) -> grpc.Server:
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics), gate]
+def _grpc_server(settings: ServerSettings, metrics: Metrics, gate: Gate) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if settings.auth_token:
         interceptors.append(TokenAuthInterceptor(settings.auth_token))
-    return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="visionserve"),
+    interceptors += [gate, MalformedInterceptor()]
+    return grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -176,45 +258,22 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
     already in use raises ``OSError`` (gRPC's SO_REUSEPORT is turned off).
     """
     check_decoders(settings.max_decoded_pixels)
-    metrics, gate = Metrics(), DrainInterceptor()
-    server = _grpc_server(settings, metrics, gate)
-    health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
-        health_servicer.set(name, NOT_SERVING)
-    handle: VisionServer | None = None
-    registry = ModelRegistry(
-        intra_op_threads=settings.intra_op_threads,
-        warmup=settings.warmup,
-        overrides=settings.batching_overrides(),
-        metrics=metrics,
-        on_change=lambda name, serving: handle.set_model_health(name, serving) if handle else None,
-        drain_timeout=max(settings.grace_period_s, 1.0),
-        limits=settings.request_limits(),
-    )
-    handle = VisionServer(server, 0, health_servicer, registry, metrics, gate)
-    visionserve_pb2_grpc.add_VisionServiceServicer_to_server(
-        VisionServicer(registry, settings), server
-    )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(registry, settings, handle.is_ready), server
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    handle.port = port = _bind(server, settings)
-    server.start()
+    metrics = Metrics()
+    gate = Gate(settings.max_streams, on_refused=lambda reason: metrics.shed.labels("", reason).inc())
+    loop = EventLoopThread()
+    handle = VisionServer(settings, loop, metrics, gate)
     try:
+        port = loop.call(handle.start_grpc())
         _load(handle, settings)
     except BaseException:
-        server.stop(None)
+        handle.stop(None).wait(10)
         handle.close()
         raise
-    for name in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
-        health_servicer.set(name, SERVING)
+    for name in SERVICES:
+        handle.set_health(name, True)
     log.info(
         "SERVING %d model(s) on %s:%d (%s)",
-        len(registry.names()),
+        len(handle.registry.names()),
         settings.host,
         port,
         "TLS" if settings.tls else "plaintext",

@@ -2,8 +2,10 @@
 
 One :class:`Batcher` per served model version. Callers ``submit`` a tensor of one or
 more rows (``[n, C, H, W]``) and get a ``Future`` of that request's outputs. Worker
-threads (``instances``, Triton's instance count) take turns forming a batch: the
-first waiting request opens it, and it closes when ``max_batch_size`` rows are in or
+threads (``instances``, Triton's instance count) take turns forming a batch. Batching
+adapts to load: a lone request that finds every instance idle runs at once (no queue
+delay); when the model is busy (a batch running, or several requests waiting), the
+first waiting request opens a batch that closes when ``max_batch_size`` rows are in or
 ``max_queue_delay`` has passed since that first request arrived. While one instance
 runs a batch, the next one forms its own.
 
@@ -14,10 +16,10 @@ runs a batch, the next one forms its own.
   its own batch(es).
 - A failing batch fails each of its requests with one error; the worker goes on.
 - ``close`` drains: everything accepted before it still runs.
-- With ``max_queue_delay`` 0, a request whose caller waits for it (``inline=True``)
-  and that finds the queue empty and an instance free runs at once in the caller's
-  thread (a batch of one), skipping two thread hand-offs; ``instances`` still bounds
-  how many batches run at a time.
+- A request whose caller waits for it in its own thread (``inline=True``) and that
+  finds the queue empty and an instance free runs at once in the caller's thread (a
+  batch of one), skipping two thread hand-offs; ``instances`` still bounds how many
+  batches run at a time.
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ class Batcher:
         self._submit_lock = threading.Lock()
         self._collect_lock = threading.Lock()
         self._slots = threading.Semaphore(instances)  # batches running at once
-        self._inline = max_queue_delay_s == 0
+        self._running = 0  # batches running now (read without a lock: a hint)
+        self._running_lock = threading.Lock()
         self._closed = False
         self._workers = [
             threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
@@ -223,7 +226,6 @@ class Batcher:
                 raise Unavailable(f"{self.name} is being unloaded or the server is shutting down")
             inline = (
                 inline
-                and self._inline
                 and self._queue.empty()
                 and self._slots.acquire(blocking=False)
             )
@@ -312,7 +314,9 @@ class Batcher:
         items, rows = [first], first.rows
         flush_at = first.enqueued_at + self.max_queue_delay_s
         while rows < self.max_batch_size:
-            remaining = flush_at - time.monotonic()
+            # Adaptive: an idle model runs a lone request at once; a busy one gathers.
+            busy = len(items) > 1 or self._running > 0
+            remaining = flush_at - time.monotonic() if busy else 0.0
             try:
                 item = (
                     self._queue.get(timeout=remaining)
@@ -358,11 +362,13 @@ class Batcher:
         """Run one batch; its per-request outputs, or the error that fails all of them."""
         if not holding_slot:
             self._slots.acquire()
+        self._count_running(+1)
         start = time.monotonic()
         try:
             try:
                 outputs = self._infer(tensor)
             finally:
+                self._count_running(-1)
                 if not holding_slot:
                     self._slots.release()
             parts: list[Outputs] | Exception = uncollate(outputs, [m.rows for m in members])
@@ -372,6 +378,10 @@ class Batcher:
             if self._observer is not None:
                 self._observer.on_batch(int(tensor.shape[0]), time.monotonic() - start)
         return members, parts
+
+    def _count_running(self, change: int) -> None:
+        with self._running_lock:
+            self._running += change
 
     def _error(self, members: list[QueuedRequest], exc: Exception) -> VisionServeError:
         if isinstance(exc, VisionServeError):

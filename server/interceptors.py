@@ -1,54 +1,77 @@
-"""Server interceptors: bearer-token auth, metrics + access logs, drain on shutdown.
+"""grpc.aio server interceptors: metrics + rate-limited failure logs, auth, drain + stream limit.
 
-Both wrap the method handler of the same kind (unary or streaming) that the server
-would have used, so they work for every service on the port.
+Order on the server (outermost first): ``MetricsInterceptor`` (counts every call,
+refusals included), ``TokenAuthInterceptor``, ``Gate`` (drain, ``--max-streams``),
+``MalformedInterceptor`` (request bytes that do not parse).
+
+A call refused before its handler runs (wrong token, draining, too many streams) gets
+a handler that takes its request as a *stream* and never reads it: gRPC then does not
+buffer the request body (a 64 MiB message from a client without the token is refused
+after the first flow-control window, not after 64 MiB were received and parsed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from visionserve.server.logs import FailureLog
 from visionserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
+EXEMPT = (HEALTH_PREFIX, REFLECTION_PREFIX)
 
 Behavior = Callable[..., Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]):
-    """A copy of ``handler`` whose behaviour is ``wrap(behaviour, streams_responses)``."""
-    kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+        "stream" if handler.response_streaming else "unary"
     )
-    for attribute, factory, streams in kinds:
-        behavior = getattr(handler, attribute)
-        if behavior is not None:
-            return factory(
-                wrap(behavior, streams),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-    return handler
+    return getattr(handler, kind)
 
 
-class _PerMethod:
-    """Wrapped handlers cached per method: gRPC asks the interceptors for every call,
-    and the server hands them the same handler object for a method each time, so the
-    wrapping (new closures and a new handler) is done once per method, not per call."""
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    behavior: Behavior,
+    *,
+    request_streaming: bool | None = None,
+    deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler like ``handler`` with another behaviour (and maybe request kind)."""
+    streaming = handler.request_streaming if request_streaming is None else request_streaming
+    return _FACTORIES[(streaming, handler.response_streaming)](
+        behavior,
+        request_deserializer=deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
-    def __init__(self, wrap: Callable[[str, Behavior, bool], Behavior]) -> None:
+
+class PerMethod:
+    """Wrapped handlers cached per method: the server hands an interceptor the same
+    handler object for a method on every call, so wrapping is done once per method
+    (a refusal, a new handler each time, is simply wrapped again)."""
+
+    def __init__(
+        self, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+    ) -> None:
         self._wrap = wrap
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -56,17 +79,125 @@ class _PerMethod:
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _rewrap(handler, lambda behavior, streams: self._wrap(method, behavior, streams))
-        self._cache[method] = (handler, wrapped)  # a benign race: both copies are equal
+        wrapped = self._wrap(method, handler)
+        self._cache[method] = (handler, wrapped)
         return wrapped
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+    """A handler answering ``code`` at once, without reading the request body."""
+
+    async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    return rewrap(handler, refuse, request_streaming=True)
+
+
+def observe(behavior: Behavior, streams: bool, before: Callable, after: Callable) -> Behavior:
+    """``behavior`` with ``before(context)`` and ``after(context, error)`` around it.
+
+    Response streams become async generators whatever they were (a coroutine writing
+    with ``context.write`` included)."""
+    if not streams:
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            before(context)
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                after(context, error)
+
+        return unary
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        before(context)
+        error: BaseException | None = None
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:
+                await result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            after(context, error)
+
+    return stream
+
+
+def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some versions report the raw integer
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Requests, failures by code, in flight and latency per method; one log line per
+    failure class (method, code) per interval under overload (``logs.FailureLog``)."""
+
+    def __init__(self, metrics: Metrics, failures: FailureLog | None = None) -> None:
+        self._metrics = metrics
+        self._failures = failures or FailureLog(log)
+        self._handlers = PerMethod(
+            lambda method, handler: rewrap(handler, self._observed(method, handler))
+        )
+
+    async def intercept_service(self, continuation: Continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(EXEMPT):
+            return handler
+        return self._handlers.get(method, handler)
+
+    def _observed(self, method: str, handler: grpc.RpcMethodHandler) -> Behavior:
+        requests = self._metrics.requests.labels(method)
+        in_flight = self._metrics.in_flight.labels(method)
+        latency = self._metrics.latency.labels(method)
+        starts: dict[int, float] = {}
+
+        def before(context: grpc.aio.ServicerContext) -> None:
+            requests.inc()
+            in_flight.inc()
+            starts[id(context)] = time.perf_counter()
+
+        def after(context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            seconds = time.perf_counter() - starts.pop(id(context))
+            in_flight.dec()
+            latency.observe(seconds)
+            code = code_of(context, error)
+            if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "rpc %s OK after %.1f ms",
+                    method,
+                    seconds * 1e3,
+                    extra={"method": method, "code": "OK", "duration_ms": round(seconds * 1e3, 3)},
+                )
+            elif code != grpc.StatusCode.OK:
+                self._metrics.failures.labels(method, code.name).inc()
+                self._failures.failed(method, code.name, seconds)
+
+        return observe(behavior_of(handler), handler.response_streaming, before, after)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` metadata; health checks are exempt.
 
-    The comparison is constant-time (``hmac.compare_digest``); anything else is
-    answered UNAUTHENTICATED before the servicer runs.
-    """
+    Checked from the call's metadata before its body is read; the comparison is
+    constant-time (``hmac.compare_digest``)."""
 
     def __init__(self, token: str, exempt: tuple[str, ...] = (HEALTH_PREFIX,)) -> None:
         if not token:
@@ -74,178 +205,165 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._exempt = exempt
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
+    async def intercept_service(self, continuation: Continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        method = details.method
         if handler is None or method.startswith(self._exempt):
             return handler
         supplied = next(
-            (v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"),
-            "",
+            (v for k, v in details.invocation_metadata or () if k == "authorization"), ""
         )
         if isinstance(supplied, str):
             supplied = supplied.encode()
         if hmac.compare_digest(supplied, self._expected):
             return handler
         reason = "no authorization metadata" if not supplied else "a wrong bearer token"
-        message = (
+        return refusal(
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
             f"{method}: {reason}; expected metadata 'authorization: Bearer <token>' "
-            f"with the server's token"
+            f"with the server's token",
         )
 
-        def deny(behavior: Behavior, streams: bool) -> Behavior:
-            def refuse(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-            return refuse
+class Gate(grpc.aio.ServerInterceptor):
+    """Counts calls in flight and open streams (event-loop only, no locks).
 
-        return _rewrap(handler, deny)
+    ``drain()`` refuses new calls with UNAVAILABLE (health and reflection pass) and waits
+    for those in flight; the servicers read ``draining`` to answer new stream items
+    UNAVAILABLE in-band. Past ``max_streams`` open streaming calls, a new one is refused
+    with RESOURCE_EXHAUSTED naming the limit."""
 
+    def __init__(self, max_streams: int, on_refused: Callable[[str], None] | None = None) -> None:
+        self.max_streams = max_streams
+        self.draining = False
+        self.in_flight = 0
+        self.streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_refused = on_refused or (lambda reason: None)
+        self._handlers = PerMethod(self._counted)
 
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Count requests, failures by code, in-flight and latency; log failures with fields."""
+    async def drain(self, timeout: float | None) -> bool:
+        """Refuse new calls; wait up to ``timeout`` s for those in flight. True: idle."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._handlers = _PerMethod(self._observe)
-
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith((HEALTH_PREFIX, REFLECTION_PREFIX)):
+    async def intercept_service(self, continuation: Continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(EXEMPT):
             return handler
+        if self.draining:
+            self._on_refused("draining")
+            return refusal(
+                handler,
+                grpc.StatusCode.UNAVAILABLE,
+                f"{method}: the server is shutting down and accepts no new requests; retry "
+                f"on another replica",
+            )
         return self._handlers.get(method, handler)
 
-    def _observe(self, method: str, behavior: Behavior, streams: bool) -> Behavior:
-        # The metric children of this method, looked up once (labels() takes a lock).
-        requests = self._metrics.requests.labels(method)
-        in_flight = self._metrics.in_flight.labels(method)
-        latency = self._metrics.latency.labels(method)
+    def _counted(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        streaming = handler.request_streaming or handler.response_streaming
+        behavior = behavior_of(handler)
+        if not streaming:
+            return rewrap(
+                handler,
+                observe(behavior, False, lambda c: self._enter(False), lambda c, e: self._exit(False)),
+            )
 
-        def finish(start: float, code: grpc.StatusCode) -> None:
-            seconds = time.perf_counter() - start
-            in_flight.dec()
-            latency.observe(seconds)
-            self._log(method, seconds, code)
-
-        if streams:
-
-            def observed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                requests.inc()
-                in_flight.inc()
-                start, code = time.perf_counter(), grpc.StatusCode.OK
-                try:
-                    yield from behavior(request, context)
-                    code = context.code() or grpc.StatusCode.OK
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    finish(start, code)
-
-            return observed_stream
-
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            requests.inc()
-            in_flight.inc()
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
-                response = behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.INTERNAL
-                raise
-            finally:
-                finish(start, code)
-
-        return observed
-
-    def _log(self, method: str, seconds: float, code: grpc.StatusCode) -> None:
-        if code == grpc.StatusCode.OK:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "rpc %s OK after %.1f ms",
-                    method,
-                    seconds * 1e3,
-                    extra=_fields(method, code, seconds),
+        async def limited(request_iterator: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            if self.streams >= self.max_streams:
+                self._on_refused("streams")
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method}: {self.streams} streams are open, the server's limit "
+                    f"(--max-streams {self.max_streams}); retry later or on another replica",
                 )
-            return
-        self._metrics.failures.labels(method, code.name).inc()
-        log.info(
-            "rpc %s failed: %s after %.1f ms",
-            method,
-            code.name,
-            seconds * 1e3,
-            extra=_fields(method, code, seconds),
+            self._enter(True)
+            try:
+                async for response in behavior(request_iterator, context):
+                    yield response
+            finally:
+                self._exit(True)
+
+        return rewrap(handler, limited)
+
+    def _enter(self, streaming: bool) -> None:
+        self.in_flight += 1
+        self.streams += streaming
+        self._idle.clear()
+
+    def _exit(self, streaming: bool) -> None:
+        self.in_flight -= 1
+        self.streams -= streaming
+        if self.in_flight == 0:
+            self._idle.set()
+
+
+class Malformed:
+    """A request message whose bytes did not parse (see ``MalformedInterceptor``)."""
+
+    __slots__ = ("size", "error")
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size, self.error = size, error
+
+    def message(self, method: str) -> str:
+        return (
+            f"{method}: the request message ({self.size} bytes) is not a valid protobuf "
+            f"message of this method's request type ({self.error}); expected the message "
+            f"the service's .proto declares"
         )
 
 
-def _fields(method: str, code: grpc.StatusCode, seconds: float) -> dict[str, Any]:
-    return {"method": method, "code": code.name, "duration_ms": round(seconds * 1e3, 3)}
-
-
-class DrainInterceptor(grpc.ServerInterceptor):
-    """Counts RPCs in flight; once ``drain()`` is called, refuses new ones with UNAVAILABLE.
-
-    Health checks pass through (they report NOT_SERVING by then). Refusing from the
-    handler, while the port still accepts connections, gives late clients a clean,
-    retryable UNAVAILABLE instead of a connection torn down under them.
-    """
+class MalformedInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse: INVALID_ARGUMENT (logged as one short line by
+    ``MetricsInterceptor``), not gRPC's INTERNAL "Exception deserializing request!"
+    with a traceback. In a stream, the item arrives as a ``Malformed`` and the servicer
+    answers it in-band; the stream goes on (the v1 streams do; a stream whose servicer
+    does not look, such as reflection, is exempt and keeps gRPC's behaviour)."""
 
     def __init__(self) -> None:
-        self._in_flight = 0
-        self._draining = False
-        self._idle = threading.Condition()
-        self._handlers = _PerMethod(self._track)
+        self._handlers = PerMethod(self._tolerant)
 
-    def drain(self, timeout: float | None) -> bool:
-        """Refuse new RPCs; wait up to ``timeout`` for those in flight. True when idle."""
-        with self._idle:
-            self._draining = True
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith((HEALTH_PREFIX, REFLECTION_PREFIX)):
+    async def intercept_service(self, continuation: Continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT):
             return handler
-        return self._handlers.get(method, handler)
+        return self._handlers.get(details.method, handler)
 
-    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
-        with self._idle:
-            if not self._draining:
-                self._in_flight += 1
-                return
-        context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            f"{method}: the server is shutting down and accepts no new requests; retry on "
-            f"another replica",
-        )
+    def _tolerant(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse = handler.request_deserializer
 
-    def _exit(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
-
-    def _track(self, method: str, behavior: Behavior, streams: bool) -> Behavior:
-        if streams:
-
-            def tracked_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._enter(method, context)
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    self._exit()
-
-            return tracked_stream
-
-        def tracked(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(method, context)
+        def tolerant(data: bytes) -> Any:
             try:
-                return behavior(request, context)
-            finally:
-                self._exit()
+                return parse(data) if parse is not None else data
+            except Exception as exc:  # noqa: BLE001 - answered INVALID_ARGUMENT
+                return Malformed(len(data), f"{type(exc).__name__}: {exc}")
 
-        return tracked
+        behavior = behavior_of(handler)
+        if handler.request_streaming:
+            return rewrap(handler, behavior, deserializer=tolerant)
+
+        if handler.response_streaming:
+
+            async def checked_stream(request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+                if isinstance(request, Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                async for response in behavior(request, context):
+                    yield response
+
+            return rewrap(handler, checked_stream, deserializer=tolerant)
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+            return await behavior(request, context)
+
+        return rewrap(handler, checked, deserializer=tolerant)

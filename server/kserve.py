@@ -18,9 +18,11 @@ extension (``RepositoryIndex``, ``RepositoryModelLoad``/``Unload``) works with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 import grpc
 import numpy as np
@@ -45,8 +47,7 @@ from visionserve.server.kserve_tensors import (
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.repository import ModelRepository
 from visionserve.server.served_model import ServedModel
-from visionserve.server.service import deadline_of, unary
-from visionserve.server.settings import ServerSettings
+from visionserve.server.service import Serving, deadline_of, unary
 
 log = logging.getLogger(__name__)
 
@@ -63,69 +64,62 @@ def _server_version() -> str:
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 servicer over the same ``ModelRegistry`` as ``visionserve.v1``."""
 
-    def __init__(
-        self, registry: ModelRegistry, settings: ServerSettings, is_ready: Callable[[], bool]
-    ) -> None:
-        self._registry = registry
-        self._settings = settings
+    def __init__(self, serving: Serving, is_ready: Callable[[], bool]) -> None:
+        self._serving = serving
+        self._registry = serving.registry
+        self._settings = serving.settings
         self._is_ready = is_ready
 
     # -- health and metadata --------------------------------------------------------------
-    def ServerLive(self, request, context):  # type: ignore[no-untyped-def]
+    async def ServerLive(self, request, context):  # type: ignore[no-untyped-def]
         return kpb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):  # type: ignore[no-untyped-def]
+    async def ServerReady(self, request, context):  # type: ignore[no-untyped-def]
         return kpb.ServerReadyResponse(ready=self._is_ready())
 
-    def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
-        def ready(r: kpb.ModelReadyRequest, c: object) -> kpb.ModelReadyResponse:
+    async def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
+        async def ready(r: kpb.ModelReadyRequest, c: object) -> kpb.ModelReadyResponse:
             try:
                 self._registry.get(r.name, r.version)
             except (NotFound, Unavailable):
                 return kpb.ModelReadyResponse(ready=False)
             return kpb.ModelReadyResponse(ready=self._is_ready())
 
-        return unary(ready, request, context, "ModelReady")
+        return await unary(ready, request, context, "ModelReady")
 
-    def ServerMetadata(self, request, context):  # type: ignore[no-untyped-def]
+    async def ServerMetadata(self, request, context):  # type: ignore[no-untyped-def]
         return kpb.ServerMetadataResponse(
             name="visionserve",
             version=_server_version(),
             extensions=["classification", "model_configuration", "model_repository", "statistics"],
         )
 
-    def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
-        return unary(
-            lambda r, c: model_metadata(self._registry, self._registry.get(r.name, r.version)),
-            request,
-            context,
-            "ModelMetadata",
-        )
+    async def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
+        async def metadata_of(r: kpb.ModelMetadataRequest, c: object) -> kpb.ModelMetadataResponse:
+            return model_metadata(self._registry, self._registry.get(r.name, r.version))
 
-    def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
-        return unary(
-            lambda r, c: kpb.ModelConfigResponse(
-                config=model_config(self._registry.get(r.name, r.version))
-            ),
-            request,
-            context,
-            "ModelConfig",
-        )
+        return await unary(metadata_of, request, context, "ModelMetadata")
 
-    def ModelStatistics(self, request, context):  # type: ignore[no-untyped-def]
-        return unary(
-            lambda r, c: statistics_response(self._registry, r.name, r.version),
-            request,
-            context,
-            "ModelStatistics",
-        )
+    async def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
+        async def config_of(r: kpb.ModelConfigRequest, c: object) -> kpb.ModelConfigResponse:
+            return kpb.ModelConfigResponse(config=model_config(self._registry.get(r.name, r.version)))
+
+        return await unary(config_of, request, context, "ModelConfig")
+
+    async def ModelStatistics(self, request, context):  # type: ignore[no-untyped-def]
+        async def statistics_of(
+            r: kpb.ModelStatisticsRequest, c: object
+        ) -> kpb.ModelStatisticsResponse:
+            return statistics_response(self._registry, r.name, r.version)
+
+        return await unary(statistics_of, request, context, "ModelStatistics")
 
     # -- inference -----------------------------------------------------------------------
-    def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
-        return unary(self._infer, request, context, "ModelInfer")
+    async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
+        return await unary(self._infer, request, context, "ModelInfer")
 
-    def _infer(
-        self, request: kpb.ModelInferRequest, context: grpc.ServicerContext
+    async def _infer(
+        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelInferResponse:
         deadline = deadline_of(context)
         with self._registry.use(request.model_name, request.model_version) as model:
@@ -135,10 +129,13 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 top_k=int_parameter(request, "top_k") or 0,
                 ignore_index=int_parameter(request, "ignore_index"),  # checked by SegmentInput
             )
+            executor = self._serving.executor
             if _is_image_form(inputs):
-                outputs = image_outputs(model, inputs, options, deadline)
+                outputs = await image_outputs(model, inputs, options, deadline, executor)
             else:
-                outputs = tensor_outputs(model, fp32_tensor(model, inputs), options, deadline)
+                loop = asyncio.get_running_loop()
+                tensor = await loop.run_in_executor(executor, fp32_tensor, model, inputs)
+                outputs = await tensor_outputs(model, tensor, options, deadline)
             response = kpb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
@@ -147,10 +144,13 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return response
 
     # -- model repository extension ---------------------------------------------------------
-    def RepositoryIndex(self, request, context):  # type: ignore[no-untyped-def]
-        return unary(self._index, request, context, "RepositoryIndex")
+    async def RepositoryIndex(self, request, context):  # type: ignore[no-untyped-def]
+        async def index(r: kpb.RepositoryIndexRequest, c: object) -> kpb.RepositoryIndexResponse:
+            return await asyncio.to_thread(self._index, r, c)
 
-    def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
+        return await unary(index, request, context, "RepositoryIndex")
+
+    async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
         def load(r: kpb.RepositoryModelLoadRequest, c: object) -> kpb.RepositoryModelLoadResponse:
             self._require_explicit("load")
             if r.parameters:
@@ -162,9 +162,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             self._registry.sync(repository, [r.model_name], strict=True)
             return kpb.RepositoryModelLoadResponse()
 
-        return unary(load, request, context, "RepositoryModelLoad")
+        return await unary(in_thread(load), request, context, "RepositoryModelLoad")
 
-    def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
+    async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
         def unload(
             r: kpb.RepositoryModelUnloadRequest, c: object
         ) -> kpb.RepositoryModelUnloadResponse:
@@ -172,7 +172,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             self._registry.unload(r.model_name)
             return kpb.RepositoryModelUnloadResponse()
 
-        return unary(unload, request, context, "RepositoryModelUnload")
+        return await unary(in_thread(unload), request, context, "RepositoryModelUnload")
 
     def _index(
         self, request: kpb.RepositoryIndexRequest, context: object
@@ -196,6 +196,16 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 f"cannot {action} models: the server runs with --model-control "
                 f"{self._settings.model_control}; start it with --model-control explicit"
             )
+
+
+def in_thread(blocking: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A blocking handler (loading, warming, draining a model) as a coroutine run in a
+    thread of its own, so the event loop keeps answering everything else."""
+
+    async def handler(request: Any, context: Any) -> Any:
+        return await asyncio.to_thread(blocking, request, context)
+
+    return handler
 
 
 class FailedPrecondition(VisionServeError):

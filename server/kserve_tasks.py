@@ -10,7 +10,9 @@ one request per image); ``INTERSECTION`` / ``UNION`` alone take images of any si
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +36,7 @@ from visionserve.server.requests import (
     SegmentInput,
     SegmentResult,
 )
-from visionserve.server.served_model import Job, Result, ServedModel, wait_for
+from visionserve.server.served_model import Job, Result, ServedModel, wait_async
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def _select(
     return selected
 
 
-def tensor_outputs(
+async def tensor_outputs(
     model: ServedModel, tensor: np.ndarray, options: InferOptions, deadline: float | None
 ) -> dict[str, np.ndarray]:
     """A preprocessed FP32 tensor -> the ONNX outputs (by default all of them), and for
@@ -109,7 +111,7 @@ def tensor_outputs(
     onnx_outputs = [spec.name for spec in model.backend.outputs]
     available = onnx_outputs + ([LABELS, SCORES] if model.task == "classification" else [])
     wanted = _wanted(model, options, available, onnx_outputs, "a preprocessed tensor input")
-    computed = dict(model.infer(tensor, deadline))
+    computed = dict(await model.infer_async(tensor, deadline))
     if LABELS in wanted or SCORES in wanted:
         probabilities = computed[model.config.outputs["probabilities"]]
         k = options.top_k or model.limits.default_top_k
@@ -117,13 +119,29 @@ def tensor_outputs(
     return _select(model, computed, wanted)
 
 
-def image_outputs(
+async def image_outputs(
     model: ServedModel,
     inputs: dict[str, InputTensor],
     options: InferOptions,
     deadline: float | None,
+    executor: Executor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Encoded images (``IMAGE``, optional ``GROUND_TRUTH``) -> the task's outputs."""
+    """Encoded images (``IMAGE``, optional ``GROUND_TRUTH``) -> the task's outputs.
+
+    Admitted as one request (``ServedModel.admitted``); decoding and finishing run in
+    ``executor``, never on the event loop."""
+    async with model.admitted(deadline):
+        return await _image_outputs(model, inputs, options, deadline, executor)
+
+
+async def _image_outputs(
+    model: ServedModel,
+    inputs: dict[str, InputTensor],
+    options: InferOptions,
+    deadline: float | None,
+    executor: Executor | None,
+) -> dict[str, np.ndarray]:
+    loop = asyncio.get_running_loop()
     form = f"the {IMAGE!r} input"
     encoded = bytes_elements(inputs[IMAGE], model.config.max_batch_size)
     if model.task == "classification":
@@ -134,7 +152,8 @@ def image_outputs(
         name = model.config.outputs["probabilities"]
         wanted = _wanted(model, options, [LABELS, SCORES, name], [LABELS, SCORES], form)
         requests = [ClassifyInput(ImageData(data), options.top_k) for data in encoded]
-        results = _run(model, _begin(model, requests), deadline)
+        jobs = await loop.run_in_executor(executor, _begin, model, requests)
+        results = await _run(model, jobs, deadline, executor)
         return _select(model, _classes(results, name), wanted)
     scored = GROUND_TRUTH in inputs
     default = [MASK, INTERSECTION, UNION] if scored else [MASK]
@@ -156,10 +175,11 @@ def image_outputs(
         SegmentInput(ImageData(data), truth, options.ignore_index, "raw")
         for data, truth in zip(encoded, truths, strict=True)
     ]
-    jobs = _begin(model, requests)
+    jobs = await loop.run_in_executor(executor, _begin, model, requests)
     if MASK in wanted:
         _check_same_size([job.image for job in jobs])
-    return _select(model, _masks(_run(model, jobs, deadline), MASK in wanted), wanted)
+    results = await _run(model, jobs, deadline, executor)
+    return _select(model, _masks(results, MASK in wanted), wanted)
 
 
 def _begin(model: ServedModel, requests: Sequence[ClassifyInput | SegmentInput]) -> list[Job]:
@@ -173,14 +193,17 @@ def _begin(model: ServedModel, requests: Sequence[ClassifyInput | SegmentInput])
     return jobs
 
 
-def _run(model: ServedModel, jobs: list[Job], deadline: float | None) -> list[Result]:
+async def _run(
+    model: ServedModel, jobs: list[Job], deadline: float | None, executor: Executor | None
+) -> list[Result]:
     """Submit every job (they batch together), then ``ServedModel.finish`` each."""
-    futures = [model.submit(job.tensor, deadline, inline=len(jobs) == 1) for job in jobs]
+    loop = asyncio.get_running_loop()
+    futures = [model.submit(job.tensor, deadline) for job in jobs]
     try:
-        return [
-            model.finish(job, wait_for(future, deadline))
-            for job, future in zip(jobs, futures, strict=True)
-        ]
+        outputs = [await wait_async(future, deadline) for future in futures]
+        return await loop.run_in_executor(
+            executor, lambda: [model.finish(j, o) for j, o in zip(jobs, outputs, strict=True)]
+        )
     finally:
         for future in futures:
             future.cancel()  # a no-op for those done; frees the batcher of the rest on failure

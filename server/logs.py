@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -37,3 +39,42 @@ def use_json_logs(logger: logging.Logger | None = None) -> None:
         logger.addHandler(logging.StreamHandler())
     for handler in logger.handlers:
         handler.setFormatter(JsonFormatter())
+
+
+class FailureLog:
+    """One log line per failure class (method, status) per ``interval_s``, not one per
+    request: under overload a flood of RESOURCE_EXHAUSTED answers writes one line per
+    interval, saying how many more of that class it stood for.
+
+    Durations logged are the whole call as the server saw it (queue time included).
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._classes: dict[tuple[str, str], list[float]] = {}  # [since, count suppressed]
+
+    def failed(self, method: str, code: str, seconds: float) -> None:
+        now = time.monotonic()
+        key = (method, code)
+        with self._lock:
+            state = self._classes.get(key)
+            if state is not None and now - state[0] < self.interval_s:
+                state[1] += 1
+                return
+            suppressed = int(state[1]) if state is not None else 0
+            self._classes[key] = [now, 0]
+        more = (
+            f" ({suppressed} more like it in the previous {self.interval_s:.0f} s)"
+            if suppressed
+            else ""
+        )
+        self._log.info(
+            "rpc %s failed: %s after %.1f ms%s",
+            method,
+            code,
+            seconds * 1e3,
+            more,
+            extra={"method": method, "code": code, "duration_ms": round(seconds * 1e3, 3)},
+        )

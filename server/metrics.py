@@ -7,6 +7,8 @@ Names (all prefixed ``visionserve_``):
   health checks and reflection, counted by ``interceptors.MetricsInterceptor``.
 - ``queue_seconds{model}``, ``compute_seconds{model}``, ``batch_size{model}``,
   ``inference_rows_total{model}``: measured by each model's dynamic batcher.
+- ``shed_total{model,reason}``: requests refused before any work was spent on them
+  (``model`` empty for the server-wide reasons ``streams`` and ``draining``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,15 @@ class ModelMetrics:
         self._compute = metrics.compute_seconds.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._rows = metrics.inference_rows.labels(model)
+        self._shed = {
+            reason: metrics.shed.labels(model, reason) for reason in ("capacity", "deadline", "queue")
+        }
 
     def on_queued(self, seconds: float) -> None:
         self._queue.observe(seconds)
+
+    def on_shed(self, reason: str) -> None:
+        self._shed[reason].inc()
 
     def on_batch(self, size: int, seconds: float) -> None:
         self._compute.observe(seconds)
@@ -104,6 +112,14 @@ class Metrics:
         )
         self.inference_rows = Counter(
             "visionserve_inference_rows", "images (tensor rows) inferred", ["model"], registry=r
+        )
+        self.shed = Counter(
+            "visionserve_shed",
+            "requests refused before any work was spent on them, by reason: capacity "
+            "(admission limit), deadline (cannot be met), queue (batcher queue full), "
+            "streams (--max-streams), draining (shutting down)",
+            ["model", "reason"],
+            registry=r,
         )
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -31,6 +31,7 @@ from visionserve.server.repository import (
     check_model_name,
     parse_version,
 )
+from visionserve.server.admission import AdmissionPolicy
 from visionserve.server.backends.registry import load_backend
 from visionserve.server.requests import RequestLimits
 from visionserve.server.served_model import ServedModel
@@ -62,6 +63,7 @@ def load_model(
     observer: BatchObserver | None = None,
     source: tuple[int, ...] | None = None,
     limits: RequestLimits = RequestLimits(),
+    admission: AdmissionPolicy = AdmissionPolicy(),
 ) -> ServedModel:
     """One repository entry loaded as the server loads it: ``overrides`` (the server's
     model.yaml overrides) applied, the first backend that loads, warmed up. Also the
@@ -78,6 +80,7 @@ def load_model(
             observer=observer,
             source=source,
             limits=limits,
+            admission=admission,
         )
     except BaseException:
         backend.close()
@@ -104,6 +107,7 @@ class ModelRegistry:
         on_change: Callable[[str, bool], None] | None = None,
         drain_timeout: float = 30.0,
         limits: RequestLimits = RequestLimits(),
+        admission: AdmissionPolicy = AdmissionPolicy(),
     ) -> None:
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._failures: dict[str, LoadFailure] = {}
@@ -116,6 +120,7 @@ class ModelRegistry:
         self._on_change = on_change
         self._drain_timeout = drain_timeout
         self._limits = limits
+        self._admission = admission
         self.ready = False
 
     # -- loading -------------------------------------------------------------------------
@@ -239,6 +244,7 @@ class ModelRegistry:
             observer=observer,
             source=source,
             limits=self._limits,
+            admission=self._admission,
         )
 
     def _notify(self, name: str, serving: bool) -> None:

@@ -9,7 +9,8 @@
 
 ``run(request, deadline)`` does all three in the caller's thread (offline path,
 synchronous callers); ``await run_async(request, deadline, executor)`` from a coroutine
-(begin/finish in the executor, never on the event loop). ``infer`` takes the model's input tensor (KServe tensors).
+(begin/finish in the executor, never on the event loop), and ``serve`` the same behind
+admission control (what the servicers call). ``infer`` takes the model's input tensor (KServe tensors).
 ``enter``/``exit`` count requests in flight so that ``retire`` (unload, or a version
 swapped out) lets them finish first. ``registry.ModelRegistry`` holds every version.
 """
@@ -17,17 +18,25 @@ swapped out) lets them finish first. ``registry.ModelRegistry`` holds every vers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
+from visionserve.server.admission import Admission, AdmissionPolicy
 from visionserve.server.backends.base import Backend
 from visionserve.server.batcher import Batcher, BatchObserver
-from visionserve.server.errors import BackendError, DeadlineExceeded, InvalidArgument
+from visionserve.server.errors import (
+    BackendError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.postprocess import mask_to_image, top_k
@@ -82,6 +91,7 @@ class ServedModel:
         observer: BatchObserver | None = None,
         source: object = None,
         limits: RequestLimits = RequestLimits(),
+        admission: AdmissionPolicy = AdmissionPolicy(),
     ) -> None:
         self.name = name
         self.version = version
@@ -109,6 +119,13 @@ class ServedModel:
             queue_size=config.max_queue_size,
             instances=config.instances,
             observer=Observers(self.statistics, observer),
+        )
+        self.admission = Admission(
+            f"{name} v{version}",
+            admission,
+            instances=config.instances,
+            max_batch_size=config.max_batch_size,
+            observer=observer,
         )
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -152,7 +169,11 @@ class ServedModel:
         ``inline=True``: the caller waits for it at once, so it may run in the caller's
         thread when the model is idle (``Batcher.submit``).
         """
-        return self._batcher.submit(tensor, deadline, inline=inline)
+        try:
+            return self._batcher.submit(tensor, deadline, inline=inline)
+        except ResourceExhausted:
+            self.admission.shed("queue")
+            raise
 
     def finish(self, job: Job, outputs: dict[str, np.ndarray]) -> Result:
         """The batch's outputs for ``job`` -> its result (mask at the image's size,
@@ -172,6 +193,25 @@ class ServedModel:
         job = self.begin(request)
         return self.finish(job, wait_for(self.submit(job.tensor, deadline, inline=True), deadline))
 
+    async def serve(
+        self,
+        request: Request,
+        deadline: float | None,
+        executor: Executor | None = None,
+        *,
+        wait: bool = False,
+        key: object = None,
+    ) -> Result:
+        """``run_async`` admitted first (``admission.Admission``): refused at once when
+        the model is full or the deadline cannot be met, or, with ``wait``, queued for a
+        slot, taking turns with other streams (``key``: the stream). What the servicers
+        call."""
+        await self._admit(deadline, wait, key)
+        try:
+            return await self.run_async(request, deadline, executor)
+        finally:
+            self.admission.release()
+
     async def run_async(
         self, request: Request, deadline: float | None, executor: Executor | None = None
     ) -> Result:
@@ -181,6 +221,32 @@ class ServedModel:
         job = await loop.run_in_executor(executor, self.begin, request)
         outputs = await wait_async(self.submit(job.tensor, deadline), deadline)
         return await loop.run_in_executor(executor, self.finish, job, outputs)
+
+    async def infer_async(
+        self, tensor: np.ndarray, deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        """``infer`` from a coroutine, admitted like ``serve`` (KServe tensors)."""
+        await self._admit(deadline, False)
+        try:
+            return await wait_async(self.submit(tensor, deadline), deadline)
+        finally:
+            self.admission.release()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, deadline: float | None) -> AsyncIterator[None]:
+        """Hold one admission slot for a request that runs its own walk (refused at
+        once, like ``serve``, when the model is full or the deadline cannot be met)."""
+        await self._admit(deadline, False)
+        try:
+            yield
+        finally:
+            self.admission.release()
+
+    async def _admit(self, deadline: float | None, wait: bool, key: object = None) -> None:
+        if wait:
+            await self.admission.admit(deadline, key)
+        else:
+            self.admission.try_admit(deadline)
 
     def infer(self, tensor: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Run an input tensor through the batcher and wait for its outputs (KServe tensors)."""
@@ -275,8 +341,11 @@ class ServedModel:
         self.backend.close()
 
     def _infer_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         try:
-            return self.backend.infer({self.config.input.name: batch})
+            outputs = self.backend.infer({self.config.input.name: batch})
+            self.admission.on_batch(int(batch.shape[0]), time.perf_counter() - start)
+            return outputs
         except Exception as exc:
             raise BackendError(
                 f"{self.name} v{self.version}: inference failed: {type(exc).__name__}: {exc}"

@@ -1,24 +1,29 @@
-"""``visionserve.v1.VisionService``: decode -> validate -> infer -> encode.
+"""``visionserve.v1.VisionService`` (grpc.aio): translate messages, ``ServedModel`` does the rest.
 
-Every failure becomes one status code with a message naming what was wrong and what
-was expected; ``SegmentStream`` answers a failed item with ``error_code`` /
-``error_message`` and carries on with the next.
+Every RPC is a coroutine on the server's event loop. A request is translated to a
+``requests.SegmentInput``/``ClassifyInput``, run by its model (``ServedModel.serve``:
+admission, decode/pre/post in the CPU pool, inference in the batcher's threads), and
+the result translated back. Every failure becomes one status code with a message naming
+what was wrong and what was expected; ``SegmentStream`` answers a failed item with
+``error_code`` / ``error_message`` and carries on with the next, including an item whose
+bytes do not parse and, while the server drains, every new item (UNAVAILABLE).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from concurrent.futures import wait as futures_wait
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
-from visionserve.server.errors import InvalidArgument, VisionServeError
+from visionserve.server.errors import InvalidArgument, Unavailable, VisionServeError
+from visionserve.server.interceptors import Malformed
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.requests import (
     ClassifyInput,
@@ -28,9 +33,9 @@ from visionserve.server.requests import (
     SegmentInput,
     SegmentResult,
 )
-from visionserve.server.served_model import Job, ServedModel, wait_for
+from visionserve.server.served_model import ServedModel
 from visionserve.server.settings import ServerSettings
-from visionserve.server.stream import Pipeline
+from visionserve.server.stream import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +46,19 @@ NO_DEADLINE_S = 10 * 365 * 24 * 3600.0
 STREAM_WINDOW = 32  # SegmentStream requests in flight per stream
 MAX_BATCH_REQUESTS = 64  # requests per SegmentBatches message
 
-
-@dataclass(frozen=True)
-class _StreamItem:
-    """One SegmentStream request: begun (``job`` submitted, holding ``model``) or failed."""
-
-    request: pb.SegmentRequest
-    model: ServedModel | None = None
-    job: Job | None = None
-    future: Future | None = None
-    error: Exception | None = None
-
-
-def _stream_discard(item: _StreamItem) -> None:
-    if item.model is not None:
-        if item.future is not None:
-            item.future.cancel()
-        item.model.exit()
-
-
-def _batch_discard(items: list[_StreamItem]) -> None:
-    for item in items:
-        _stream_discard(item)
-
-
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What every servicer shares: the models, the settings, the CPU pool for decode and
+    pre/post-processing, and whether the server is draining."""
+
+    registry: ModelRegistry
+    settings: ServerSettings
+    executor: Executor
+    draining: Callable[[], bool]
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -89,125 +81,134 @@ def message_of(exc: BaseException, rpc: str) -> str:
 
 
 class VisionServicer(pb_grpc.VisionServiceServicer):
-    """Thin servicer over a ``ModelRegistry``."""
+    """Thin servicer: messages in and out; ``ServedModel`` owns the walk."""
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings) -> None:
-        self._registry = registry
-        self._settings = settings
+    def __init__(self, serving: Serving) -> None:
+        self._serving = serving
+        self._registry = serving.registry
 
     # -- RPCs ---------------------------------------------------------------
-    def Classify(
-        self, request: pb.ClassifyRequest, context: grpc.ServicerContext
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        return unary(self._classify, request, context, "Classify")
+        return await unary(self._classify, request, context, "Classify")
 
-    def Segment(
-        self, request: pb.SegmentRequest, context: grpc.ServicerContext
+    async def Segment(
+        self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.SegmentResponse:
-        return unary(self._segment, request, context, "Segment")
+        return await unary(self._segment, request, context, "Segment")
 
-    def SegmentStream(
-        self, request_iterator: Iterator[pb.SegmentRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.SegmentResponse]:
+    async def SegmentStream(
+        self, request_iterator: AsyncIterator[pb.SegmentRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SegmentResponse]:
         """Up to ``STREAM_WINDOW`` requests in flight; answers in request order; a failed
         request is answered in-band (``error_code``) and the stream goes on."""
         deadline = deadline_of(context)
-        pipeline = Pipeline(
-            lambda request: self._stream_begin(request, deadline),
-            lambda item: self._stream_end(item, deadline),
-            _stream_discard,
-            STREAM_WINDOW,
+        answers = pipeline(
+            request_iterator, lambda r: self._stream_item(r, deadline, context), STREAM_WINDOW
         )
-        return pipeline.run(request_iterator)
+        async for answer in answers:
+            yield answer
 
-    def SegmentBatches(
-        self, request_iterator: Iterator[pb.SegmentBatch], context: grpc.ServicerContext
-    ) -> Iterator[pb.SegmentBatchResult]:
+    async def SegmentBatches(
+        self, request_iterator: AsyncIterator[pb.SegmentBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SegmentBatchResult]:
         """SegmentStream with up to ``MAX_BATCH_REQUESTS`` requests per message; the window
         counts requests. Each answer message answers one message, in order."""
         deadline = deadline_of(context)
-        pipeline = Pipeline(
-            lambda message: self._batch_begin(message, deadline),
-            lambda items: self._batch_end(items, deadline),
-            _batch_discard,
+        answers = pipeline(
+            request_iterator,
+            lambda m: self._batch_message(m, deadline, context),
             STREAM_WINDOW,
-            weight=lambda message: len(message.requests),
+            weight=lambda m: 1 if isinstance(m, Malformed) else len(m.requests),
         )
-        return pipeline.run(request_iterator)
+        async for answer in answers:
+            yield answer
 
-    def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return unary(self._list_models, request, context, "ListModels")
+        return await unary(self._list_models, request, context, "ListModels")
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return unary(
-            lambda r, c: self._model_info(self._registry.get(r.model, r.version)),
-            request,
-            context,
-            "GetModel",
-        )
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        return await unary(self._get_model, request, context, "GetModel")
 
     # -- implementation -----------------------------------------------------
-    def _classify(
-        self, request: pb.ClassifyRequest, context: grpc.ServicerContext
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         with self._registry.use(request.model, request.version) as model:
             model.require_task("classification", "Classify")
-            result = model.run(classify_input(request), deadline_of(context))
+            result = await model.serve(
+                classify_input(request), deadline_of(context), self._serving.executor
+            )
         return classify_response(model, request, result)
 
-    def _segment(
-        self, request: pb.SegmentRequest, context: grpc.ServicerContext
+    async def _segment(
+        self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.SegmentResponse:
         with self._registry.use(request.model, request.version) as model:
             model.require_task("segmentation", "Segment")
-            result = model.run(segment_input(request), deadline_of(context))
+            result = await model.serve(
+                segment_input(request), deadline_of(context), self._serving.executor
+            )
         return segment_response(model, request, result)
 
-    def _stream_begin(self, request: pb.SegmentRequest, deadline: float | None) -> _StreamItem:
+    async def _stream_item(
+        self, request: pb.SegmentRequest | Malformed, deadline: float | None, stream: object
+    ) -> pb.SegmentResponse:
+        """One stream item, answered in-band whatever happens. Items wait for admission
+        (the stream is the client's flow control), taking turns with other streams."""
+        if isinstance(request, Malformed):
+            error: Exception = InvalidArgument(request.message("SegmentStream"))
+            return error_response(pb.SegmentRequest(), error, "SegmentStream")
         try:
-            model = self._registry.acquire(request.model, request.version)
+            if self._serving.draining():
+                raise Unavailable(
+                    "the server is shutting down: this stream takes no new requests (those "
+                    "sent before are answered); send the rest to another replica"
+                )
+            with self._registry.use(request.model, request.version) as model:
+                model.require_task("segmentation", "Segment")
+                result = await model.serve(
+                    segment_input(request), deadline, self._serving.executor, wait=True, key=stream
+                )
+            return segment_response(model, request, result)
         except Exception as exc:  # noqa: BLE001 - answered in-band
-            return _StreamItem(request, error=exc)
-        try:
-            model.require_task("segmentation", "Segment")
-            job = model.begin(segment_input(request))
-            return _StreamItem(request, model, job, model.submit(job.tensor, deadline))
-        except Exception as exc:  # noqa: BLE001 - answered in-band
-            model.exit()
-            return _StreamItem(request, error=exc)
+            return error_response(request, exc, "SegmentStream")
 
-    def _batch_begin(self, message: pb.SegmentBatch, deadline: float | None) -> list[_StreamItem]:
+    async def _batch_message(
+        self, message: pb.SegmentBatch | Malformed, deadline: float | None, stream: object
+    ) -> pb.SegmentBatchResult:
+        if isinstance(message, Malformed):
+            error = InvalidArgument(message.message("SegmentBatches"))
+            return pb.SegmentBatchResult(
+                responses=[error_response(pb.SegmentRequest(), error, "SegmentBatches")]
+            )
         count = len(message.requests)
         if count > MAX_BATCH_REQUESTS:
             error = InvalidArgument(
                 f"a SegmentBatch message carries {count} requests: expected at most "
                 f"{MAX_BATCH_REQUESTS} (split it into several messages)"
             )
-            return [_StreamItem(request, error=error) for request in message.requests]
-        return [self._stream_begin(request, deadline) for request in message.requests]
+            return pb.SegmentBatchResult(
+                responses=[error_response(r, error, "SegmentBatches") for r in message.requests]
+            )
+        answers = await asyncio.gather(
+            *(self._stream_item(r, deadline, stream) for r in message.requests)
+        )
+        return pb.SegmentBatchResult(responses=answers)
 
-    def _batch_end(self, items: list[_StreamItem], deadline: float | None) -> pb.SegmentBatchResult:
-        # One wake-up when the message's last mask is ready, not one per mask.
-        futures = [item.future for item in items if item.future is not None]
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        futures_wait(futures, timeout)
-        return pb.SegmentBatchResult(responses=[self._stream_end(item, deadline) for item in items])
+    async def _get_model(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        return self._model_info(self._registry.get(request.model, request.version))
 
-    def _stream_end(self, item: _StreamItem, deadline: float | None) -> pb.SegmentResponse:
-        error = item.error
-        if item.model is not None and item.job is not None and item.future is not None:
-            try:
-                result = item.model.finish(item.job, wait_for(item.future, deadline))
-                return segment_response(item.model, item.request, result)
-            except Exception as exc:  # noqa: BLE001 - answered in-band
-                error = exc
-            finally:
-                item.model.exit()
-        return error_response(item.request, error, "SegmentStream")
-
-    def _list_models(self, request: pb.ListModelsRequest, context: object) -> pb.ListModelsResponse:
+    async def _list_models(
+        self, request: pb.ListModelsRequest, context: object
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[self._model_info(self._registry.get(n)) for n in self._registry.names()]
         )
@@ -232,7 +233,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         )
 
 
-def deadline_of(context: grpc.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The RPC's deadline on the ``time.monotonic()`` clock (None: the client set none)."""
     remaining = context.time_remaining()
     if remaining is None or remaining > NO_DEADLINE_S:  # gRPC reports "none" as ~infinite
@@ -240,17 +241,17 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
-def unary(
-    handler: Callable[[Request, grpc.ServicerContext], Response],
+async def unary(
+    handler: Callable[[Request, grpc.aio.ServicerContext], Awaitable[Response]],
     request: Request,
-    context: grpc.ServicerContext,
+    context: grpc.aio.ServicerContext,
     rpc: str,
 ) -> Response:
-    """Run ``handler(request, context)``; turn any exception into ``context.abort``."""
+    """``await handler(request, context)``; any exception becomes ``context.abort``."""
     try:
-        return handler(request, context)
+        return await handler(request, context)
     except Exception as exc:
-        context.abort(status_of(exc), message_of(exc, rpc))
+        await context.abort(status_of(exc), message_of(exc, rpc))
         raise  # unreachable: abort raises
 
 

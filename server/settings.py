@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visionserve.server.admission import AdmissionPolicy
 from visionserve.server.model_config import check_backends
 
 if TYPE_CHECKING:  # requests imports cv2; settings must not (see decoder_guard)
@@ -31,6 +32,9 @@ ENV_VARS = {
     "grace_period_s": "VISIONSERVE_GRACE_PERIOD_S",
     "intra_op_threads": "VISIONSERVE_INTRA_OP_THREADS",
     "max_concurrent_rpcs": "VISIONSERVE_MAX_CONCURRENT_RPCS",
+    "max_streams": "VISIONSERVE_MAX_STREAMS",
+    "admission_wait_ms": "VISIONSERVE_ADMISSION_WAIT_MS",
+    "max_admitted": "VISIONSERVE_MAX_ADMITTED",
     "max_batch_size": "VISIONSERVE_MAX_BATCH_SIZE",
     "max_queue_delay_ms": "VISIONSERVE_MAX_QUEUE_DELAY_MS",
     "instances": "VISIONSERVE_INSTANCES",
@@ -67,8 +71,12 @@ class ServerSettings:
     ``port`` 0 asks the OS for a free port (the bound port is logged and returned by
     ``create_server``). ``max_decoded_pixels`` bounds height*width of any decoded image
     or mask (decompression bombs). ``intra_op_threads`` 0: the usable cores divided by
-    the model's instances.
-    ``max_concurrent_rpcs`` 0 means unbounded; past it gRPC answers RESOURCE_EXHAUSTED.
+    the model's instances. ``workers``: threads decoding and pre/post-processing (0: the
+    usable cores). ``max_concurrent_rpcs`` 0 means unbounded; past it gRPC answers
+    RESOURCE_EXHAUSTED. ``max_streams``: open streaming calls; past it RESOURCE_EXHAUSTED.
+    Admission control (``admission.py``): a model takes at most ``max_admitted`` requests
+    (queued + running), or when 0, its measured capacity times ``admission_wait_ms``;
+    ``admission_wait_ms`` 0 and ``max_admitted`` 0 turn it off.
 
     ``max_batch_size``, ``max_queue_delay_ms``, ``instances``, ``max_queue_size``: when
     set, they override every model's model.yaml. ``metrics_port``: None = no metrics
@@ -86,13 +94,16 @@ class ServerSettings:
     repository: Path
     host: str = "127.0.0.1"
     port: int = 8001
-    workers: int = 8
+    workers: int = 0
     max_message_bytes: int = 64 * MIB
     max_decoded_pixels: int = 40_000_000
     default_top_k: int = 5
     grace_period_s: float = 10.0
     intra_op_threads: int = 0
     max_concurrent_rpcs: int = 0
+    max_streams: int = 2048
+    admission_wait_ms: float = 1000.0
+    max_admitted: int = 0
     warmup: bool = True
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
@@ -121,7 +132,7 @@ class ServerSettings:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0 = pick a free port), got {self.port}")
-        positive = ("workers", "max_message_bytes", "max_decoded_pixels", "default_top_k")
+        positive = ("max_message_bytes", "max_decoded_pixels", "default_top_k", "max_streams")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -130,6 +141,12 @@ class ServerSettings:
         if self.intra_op_threads < 0:
             raise ValueError(
                 f"intra_op_threads must be >= 0 (0 = the cores divided by the model's instances), got {self.intra_op_threads}"
+            )
+        if self.workers < 0 or self.max_admitted < 0 or self.admission_wait_ms < 0:
+            raise ValueError(
+                f"workers, max_admitted and admission_wait_ms must be >= 0 (0 = the usable "
+                f"cores / derived / admission control off), got {self.workers}, "
+                f"{self.max_admitted}, {self.admission_wait_ms}"
             )
         if self.max_concurrent_rpcs < 0:
             raise ValueError(
@@ -181,6 +198,16 @@ class ServerSettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def cpu_workers(self) -> int:
+        """Threads decoding and pre/post-processing: ``workers``, or the usable cores."""
+        if self.workers:
+            return self.workers
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return len(cores) if cores else os.cpu_count() or 1
+
+    def admission_policy(self) -> AdmissionPolicy:
+        return AdmissionPolicy(self.admission_wait_ms / 1000.0, self.max_admitted)
 
     def request_limits(self) -> RequestLimits:
         """The request policy every model applies (pixel limit, default top-k)."""

@@ -1,31 +1,34 @@
-"""Pipelined bidirectional streams: many requests in flight, answers in request order.
+"""Pipelined bidirectional streams as coroutines: many requests in flight, answers in order.
 
-A reader thread takes requests off the stream as they arrive and *begins* each one
-(decode, validate, submit to the batcher), so one stream feeds the dynamic batcher
-with up to ``window`` requests at once; the RPC thread *ends* them (waits for the
-result, encodes the answer) in the order they came. Requests are read even while the
-client waits for an answer, so lock-step clients work too. With ``weight``, a message
-counts as that many requests against the window (a message carrying several requests),
-capped at the window so one large message still goes through alone.
+``pipeline(requests, handle, window)`` reads requests as they arrive and starts
+``handle(request)`` for each as an asyncio task, so one stream feeds the dynamic batcher
+with up to ``window`` requests at once; answers are yielded in request order. Requests
+are read even while the client waits for an answer, so lock-step clients work too. With
+``weight``, a message counts as that many requests against the window (capped at the
+window, so one large message still goes through alone). No thread per stream: a stream
+costs a reader task and one task per request in flight.
+
+``handle`` never raises for a bad request: it answers in-band. When the call ends
+(finished, cancelled, failed), tasks still running are cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
-Begun = TypeVar("Begun")
 Response = TypeVar("Response")
 
 
 class _End:
-    """Queue item: the request stream is over (or failed)."""
+    """Queue item: the request stream is over (or failed with ``error``)."""
+
+    __slots__ = ("error",)
 
     def __init__(self, error: BaseException | None = None) -> None:
         self.error = error
@@ -34,74 +37,65 @@ class _End:
         return "END"
 
 
-class Pipeline(Generic[Request, Begun, Response]):
-    """``begin``/``end``/``discard`` never raise for a bad request: they answer in-band."""
+class _Window:
+    """A counting window a single reader takes ``n`` permits from at once."""
 
-    def __init__(
-        self,
-        begin: Callable[[Request], Begun],
-        end: Callable[[Begun], Response],
-        discard: Callable[[Begun], None],
-        window: int,
-        weight: Callable[[Request], int] | None = None,
-    ) -> None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        self._begin, self._end, self._discard = begin, end, discard
-        self._window_size = window
-        self._weight = weight
-        self._window = threading.Semaphore(window)
-        self._items: queue.Queue[tuple[Begun, int] | _End] = queue.Queue()
-        self._closed = threading.Event()
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._changed = asyncio.Event()
 
-    def run(self, requests: Iterator[Request]) -> Iterator[Response]:
-        reader = threading.Thread(
-            target=self._read, args=(requests,), daemon=True, name="stream-reader"
-        )
-        reader.start()
+    async def take(self, n: int) -> None:
+        while self._free < n:
+            self._changed.clear()
+            await self._changed.wait()
+        self._free -= n
+
+    def give(self, n: int) -> None:
+        self._free += n
+        self._changed.set()
+
+
+async def pipeline(
+    requests: AsyncIterator[Request],
+    handle: Callable[[Request], Awaitable[Response]],
+    window: int,
+    weight: Callable[[Request], int] | None = None,
+) -> AsyncIterator[Response]:
+    """Answers to ``requests`` in order, up to ``window`` (weighted) handled at once."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    slots = _Window(window)
+    items: asyncio.Queue[tuple[asyncio.Future, int] | _End] = asyncio.Queue()
+
+    async def read() -> None:
         try:
-            while True:
-                item = self._items.get()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
-                begun, permits = item
-                try:
-                    yield self._end(begun)
-                finally:
-                    self._window.release(permits)
-        finally:
-            self._close()
-
-    def _read(self, requests: Iterator[Request]) -> None:
-        try:
-            for request in requests:
-                permits = self._permits(request)
-                for _ in range(permits):
-                    while not self._window.acquire(timeout=0.1):
-                        if self._closed.is_set():
-                            return
-                if self._closed.is_set():
-                    return
-                self._items.put((self._begin(request), permits))
+            async for request in requests:
+                permits = 1 if weight is None else max(1, min(weight(request), window))
+                await slots.take(permits)
+                items.put_nowait((asyncio.ensure_future(handle(request)), permits))
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the stream broke (cancelled, bad message)
-            self._items.put(_End(exc))
+            items.put_nowait(_End(exc))
             return
-        self._items.put(_End())
+        items.put_nowait(_End())
 
-    def _permits(self, request: Request) -> int:
-        if self._weight is None:
-            return 1
-        return max(1, min(self._weight(request), self._window_size))
-
-    def _close(self) -> None:
-        """The RPC ended (maybe cancelled): release whatever was begun and not ended."""
-        self._closed.set()
+    reader = asyncio.ensure_future(read())
+    try:
         while True:
-            try:
-                item = self._items.get_nowait()
-            except queue.Empty:
+            item = await items.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
                 return
-            if not isinstance(item, _End):
-                self._discard(item[0])
+            task, permits = item
+            try:
+                yield await task
+            finally:
+                slots.give(permits)
+    finally:
+        reader.cancel()
+        while not items.empty():
+            left = items.get_nowait()
+            if not isinstance(left, _End):
+                left[0].cancel()

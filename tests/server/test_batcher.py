@@ -118,22 +118,42 @@ def test_concurrent_requests_are_batched_and_routed_to_their_caller() -> None:
     assert len(model.calls) < 16  # real batching happened
 
 
-def test_a_lone_request_waits_at_most_the_queue_delay() -> None:
-    batcher = make(Recorder(), max_queue_delay_s=0.1, max_batch_size=8)
+def test_a_lone_request_on_an_idle_model_runs_at_once() -> None:
+    batcher = make(Recorder(), max_queue_delay_s=2.0, max_batch_size=8)
     try:
         start = time.monotonic()
         batcher.submit(rows(1)).result(5)
-        assert 0.09 <= time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 1.0  # not the 2 s queue delay
+    finally:
+        batcher.close()
+
+
+def test_a_busy_model_gathers_requests_for_at_most_the_queue_delay() -> None:
+    model = Recorder(delay=0.1)
+    batcher = make(model, max_queue_delay_s=0.3, max_batch_size=8)
+    try:
+        busy = batcher.submit(rows(1))  # runs at once, for 0.1 s
+        time.sleep(0.02)
+        start = time.monotonic()
+        waiting = [batcher.submit(rows(1)) for _ in range(3)]
+        for future in waiting:
+            future.result(5)
+        busy.result(5)
+        assert 0.25 <= time.monotonic() - start < 2.0  # gathered up to the delay
+        assert model.calls == [1, 3]
     finally:
         batcher.close()
 
 
 def test_a_failing_batch_fails_its_requests_with_one_status_and_the_worker_lives() -> None:
-    model = Recorder(fail_when=7.0)
+    model = Recorder(delay=0.05, fail_when=7.0)
     batcher = make(model, max_queue_delay_s=0.1)
     try:
+        busy = batcher.submit(rows(1, value=1.0))  # the two below queue behind it
+        time.sleep(0.02)
         bad = batcher.submit(rows(1, value=7.0))
         same_batch = batcher.submit(rows(1, value=1.0))
+        busy.result(5)
         for future in (bad, same_batch):
             with pytest.raises(BackendError, match="RuntimeError: poisoned batch"):
                 future.result(5)
@@ -143,13 +163,16 @@ def test_a_failing_batch_fails_its_requests_with_one_status_and_the_worker_lives
 
 
 def test_expired_requests_never_reach_the_backend() -> None:
-    model = Recorder()
+    model = Recorder(delay=0.2)
     batcher = make(model, max_queue_delay_s=0.2)
     try:
+        busy = batcher.submit(rows(1))  # runs for 0.2 s: the next one waits behind it
+        time.sleep(0.02)
         doomed = batcher.submit(rows(1), deadline=time.monotonic() + 0.05)
         with pytest.raises(DeadlineExceeded, match="did not run"):
             doomed.result(5)
-        assert model.calls == []
+        busy.result(5)
+        assert model.calls == [1]
         with pytest.raises(DeadlineExceeded):
             batcher.submit(rows(1), deadline=time.monotonic() - 1)
     finally:
@@ -157,14 +180,17 @@ def test_expired_requests_never_reach_the_backend() -> None:
 
 
 def test_cancelled_requests_never_reach_the_backend() -> None:
-    model = Recorder()
+    model = Recorder(delay=0.1)
     batcher = make(model, max_queue_delay_s=0.2)
     try:
+        busy = batcher.submit(rows(1, value=3.0))  # the two below queue behind it
+        time.sleep(0.02)
         cancelled = batcher.submit(rows(1, value=1.0))
         kept = batcher.submit(rows(1, value=2.0))
         assert cancelled.cancel()
         assert kept.result(5)["sum"].tolist() == [24.0]
-        assert model.calls == [1]
+        busy.result(5)
+        assert model.calls == [1, 1]
     finally:
         batcher.close()
 
@@ -264,12 +290,8 @@ def test_an_inline_request_on_an_idle_model_runs_in_the_callers_thread() -> None
     assert model.threads == [threading.current_thread().name, "batcher-m-0"]
 
 
-@pytest.mark.parametrize(
-    ("delay", "busy"), [(0.05, False), (0.0, True)], ids=["queue-delay", "model-busy"]
-)
-def test_inline_requests_queue_when_batching_is_wanted_or_the_model_is_busy(
-    delay: float, busy: bool
-) -> None:
+@pytest.mark.parametrize(("delay", "busy"), [(0.05, True), (0.0, True)], ids=["delay", "no-delay"])
+def test_inline_requests_queue_when_the_model_is_busy(delay: float, busy: bool) -> None:
     model = ThreadRecorder(delay=0.1 if busy else 0.0)
     batcher = make(model, max_queue_delay_s=delay)
     try:

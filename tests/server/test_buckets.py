@@ -4,6 +4,7 @@ padded up to a bucket (so nearby sizes batch together) and cropped back."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import make_models
@@ -148,9 +149,12 @@ class RecordingBackend:
         self._backend = backend
         self.name, self.inputs, self.outputs = backend.name, backend.inputs, backend.outputs
         self.shapes: list[tuple[int, ...]] = []
+        self.gate = threading.Event()  # the first batch waits for it: the model is busy
+        self.gate.set()
 
     def infer(self, feeds):  # type: ignore[no-untyped-def]
         self.shapes.append(next(iter(feeds.values())).shape)
+        self.gate.wait(10)
         return self._backend.infer(feeds)
 
     def close(self) -> None:
@@ -170,13 +174,18 @@ def test_images_of_different_sizes_in_one_bucket_run_as_one_batch(pad_repository
     def run(i: int) -> None:
         masks[i] = model.run(raw_request("segmentation", images[i])).mask
 
+    backend.gate.clear()  # a first request keeps the model busy while the others queue
+    busy = model.submit(model.prepare(np.zeros((64, 64, 3), np.uint8)))
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
     for thread in threads:
         thread.start()
+    time.sleep(0.2)
+    backend.gate.set()
     for thread in threads:
         thread.join(30)
+    busy.result(10)
     model.close()
-    assert backend.shapes == [(4, 3, 48, 48)]
+    assert backend.shapes == [(1, 3, 64, 64), (4, 3, 48, 48)]
     for image, mask in zip(images, masks, strict=True):
         np.testing.assert_array_equal(mask, make_models.segmenter_reference(image))
 

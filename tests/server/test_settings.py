@@ -19,7 +19,8 @@ def test_defaults_and_address(tmp_path: Path) -> None:
     ("field", "value", "match"),
     [
         ("port", 70000, "port must be in 0..65535"),
-        ("workers", 0, "workers must be at least 1"),
+        ("workers", -1, "workers, max_admitted and admission_wait_ms must be >= 0"),
+        ("max_streams", 0, "max_streams must be at least 1"),
         ("max_decoded_pixels", 0, "max_decoded_pixels must be at least 1"),
         ("grace_period_s", -1.0, "grace_period_s must be >= 0"),
         ("host", "", "host must not be empty"),

@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, help="port (default 8001; 0 = pick a free one, printed on stdout)"
     )
-    parser.add_argument("--workers", type=int, help="gRPC worker threads (default 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="threads decoding and pre/post-processing requests (default 0 = the usable cores)",
+    )
     parser.add_argument(
         "--max-message-mb", type=float, help="largest request/response message in MiB (default 64)"
     )
@@ -64,6 +68,18 @@ def _add_batching(batching: argparse._ArgumentGroup) -> None:
         help="backends to try in order for every model, comma-separated "
         "(e.g. tensorrt,onnxruntime-cuda; default: each model.yaml's list)",
     )
+    batching.add_argument(
+        "--admission-wait-ms",
+        type=float,
+        help="admission control: a model takes what its measured capacity serves within this "
+        "wait; past it RESOURCE_EXHAUSTED at once (default 1000; 0 = off)",
+    )
+    batching.add_argument(
+        "--max-admitted",
+        type=int,
+        help="admission control: a fixed limit of requests queued + running per model "
+        "(default 0 = derived from capacity and --admission-wait-ms)",
+    )
 
 
 def _add_operations(ops: argparse._ArgumentGroup) -> None:
@@ -79,6 +95,12 @@ def _add_operations(ops: argparse._ArgumentGroup) -> None:
         "versions; explicit: load/unload via KServe RepositoryModelLoad/Unload",
     )
     ops.add_argument("--poll-interval", type=float, help="seconds between polls (default 5)")
+    ops.add_argument(
+        "--max-streams",
+        type=int,
+        help="open streaming calls (SegmentStream, SegmentBatches); past it RESOURCE_EXHAUSTED "
+        "(default 2048)",
+    )
     ops.add_argument(
         "--load-model",
         action="append",
@@ -126,6 +148,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "instances": args.instances,
         "max_queue_size": args.max_queue_size,
         "backends": args.backends,
+        "admission_wait_ms": args.admission_wait_ms,
+        "max_admitted": args.max_admitted,
+        "max_streams": args.max_streams,
         "metrics_port": args.metrics_port,
         "model_control": args.model_control,
         "poll_interval_s": args.poll_interval,

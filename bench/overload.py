@@ -1,0 +1,316 @@
+"""Served vs in-process, overload, many streams and health under load: one real server.
+
+    python bench/overload.py [--imagenet DIR | --repository DIR --model NAME]
+                             [--seconds 60] [--factor 2] [--deadline-ms 2000] [--streams 1000]
+
+Against ``visionserve serve`` with its default settings (batching on: the model.yaml
+queue delay and batch size; admission control on), one process of grpc.aio clients:
+
+1. bare: decode + normalise + infer in this process, one image at a time (batch-1 p50)
+   and at the model's max batch size (images/s); the images are the workload's PNGs.
+2. served: batch-1 p50 of one client sending one PNG at a time (visionserve.v1), and
+   images/s with 32 requests in flight: the capacity.
+3. overload: an open loop at ``--factor`` x capacity for ``--seconds``, each request with
+   ``--deadline-ms``: goodput (answered OK within the deadline) / capacity, how the excess
+   was refused (RESOURCE_EXHAUSTED, and how fast) or timed out; a health Check every 100 ms
+   throughout (its latency).
+4. streams: ``--streams`` concurrent SegmentStream calls on the tiny test segmenter (the
+   front end is measured, not compute), each sending 2 requests one after the other: how
+   many were answered, the slowest first answer, health Check latency meanwhile.
+
+``--imagenet DIR``: ResNet-18 (random weights) and 224x224 PNGs of ~110 KB, written by
+``bench/make_imagenet.py DIR`` when missing. Without a workload, the tiny test models.
+The clients share the machine's cores with the server. Prints figures; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--imagenet", type=Path, help="ImageNet-shaped workload directory")
+    parser.add_argument("--repository", type=Path, help="model repository (default: tiny models)")
+    parser.add_argument("--model", help="model name (default: the first in the repository)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="overload duration")
+    parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--factor", type=float, default=2.0, help="offered load / capacity")
+    parser.add_argument("--deadline-ms", type=float, default=2000.0)
+    parser.add_argument("--in-flight", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--latency-requests", type=int, default=300)
+    return parser.parse_args()
+
+
+def start_server(repository: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    command = [sys.executable, "-m", "visionserve.cli", "--log-level", "WARNING", "serve",
+               "--repository", str(repository), "--port", "0", *extra]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"serving on .*:(\d+)$", line.strip())
+        if match:
+            return process, int(match.group(1))
+    raise RuntimeError(f"the server exited (rc={process.wait()}) before serving")
+
+
+def workload(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, list[bytes]]:
+    """(repository, model, encoded images)."""
+    import cv2
+
+    if args.imagenet is not None:
+        subprocess.run([sys.executable, str(BENCH / "make_imagenet.py"), str(args.imagenet)], check=True)
+        images = sorted((args.imagenet / "images").glob("*.png"))
+        return args.imagenet / "models", "resnet18", [p.read_bytes() for p in images]
+    repository = args.repository or tiny_repository(tmp / "tiny")
+    from visionserve.server.repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    model = args.model or repo.model_names()[0]
+    spec = repo.entry(model).config.input
+    rng = np.random.default_rng(0)
+    encoded = [
+        cv2.imencode(".png", rng.integers(0, 256, (spec.height, spec.width, 3), np.uint8))[1].tobytes()
+        for _ in range(16)
+    ]
+    return repository, model, encoded
+
+
+def tiny_repository(directory: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    import make_models
+
+    return make_models.write_repository(directory)
+
+
+# -- bare: decode + normalise + infer in this process -------------------------------------------
+def bare_figures(repository: Path, model: str, images: list[bytes], args) -> dict[str, float]:
+    try:
+        from visionserve.server.backends import load_backend
+    except ImportError:  # before the backend registry moved to server/backends
+        from visionserve.server.served_model import load_backend
+    from visionserve.server.codec import decode_image
+    from visionserve.server.preprocess import preprocess
+    from visionserve.server.repository import ModelRepository
+
+    entry = ModelRepository(repository).entry(model)
+    config = entry.config
+    backend = load_backend(entry, 0)
+    name = config.input.name
+
+    def tensor(data: bytes) -> np.ndarray:
+        return preprocess(decode_image(data, 40_000_000), config.input)[None]
+
+    lat = []
+    for i in range(args.latency_requests):
+        start = time.perf_counter()
+        backend.infer({name: tensor(images[i % len(images)])})
+        lat.append((time.perf_counter() - start) * 1e3)
+    batch, count, start = config.max_batch_size, 0, time.perf_counter()
+    while time.perf_counter() - start < args.capacity_seconds:
+        rows = [tensor(images[(count + j) % len(images)]) for j in range(batch)]
+        backend.infer({name: np.concatenate(rows)})
+        count += batch
+    rate = count / (time.perf_counter() - start)
+    backend.close()
+    return {"p50_ms": statistics.median(lat), "rate": rate, "batch": batch}
+
+
+# -- served ----------------------------------------------------------------------------------------
+def request_bytes(model: str, task: str, data: bytes) -> tuple[str, bytes]:
+    from visionserve.protos import visionserve_pb2 as pb
+
+    image = pb.Image(encoded=data)
+    if task == "classification":
+        return "/visionserve.v1.VisionService/Classify", pb.ClassifyRequest(
+            model=model, image=image, top_k=5
+        ).SerializeToString()
+    return "/visionserve.v1.VisionService/Segment", pb.SegmentRequest(
+        model=model, image=image
+    ).SerializeToString()
+
+
+async def served_latency(channel, method: str, requests: list[bytes], count: int) -> float:
+    call = channel.unary_unary(method)
+    for data in requests[:10]:
+        await call(data, timeout=60)
+    lat = []
+    for i in range(count):
+        start = time.perf_counter()
+        await call(requests[i % len(requests)], timeout=60)
+        lat.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(lat)
+
+
+async def closed_loop(channel, method: str, requests: list[bytes], clients: int, seconds: float) -> float:
+    call = channel.unary_unary(method)
+    stop_at, counts = time.monotonic() + seconds, [0] * clients
+
+    async def client(i: int) -> None:
+        while time.monotonic() < stop_at:
+            await call(requests[(i + counts[i] * clients) % len(requests)], timeout=60)
+            counts[i] += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return sum(counts) / (time.monotonic() - start)
+
+
+async def health_probe(channel, stop: asyncio.Event, every: float = 0.1) -> list[float]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub, seconds = health_pb2_grpc.HealthStub(channel), []
+    while not stop.is_set():
+        start = time.perf_counter()
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        seconds.append(time.perf_counter() - start)
+        await asyncio.sleep(every)
+    return seconds
+
+
+async def open_loop(channel, method, requests, rate: float, seconds: float, deadline: float):
+    """Requests at ``rate``/s for ``seconds``, each with ``deadline``; outcomes."""
+    import grpc
+
+    call, outcomes = channel.unary_unary(method), []
+
+    async def one(data: bytes) -> None:
+        start = time.perf_counter()
+        try:
+            await call(data, timeout=deadline)
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        outcomes.append((code, time.perf_counter() - start))
+
+    tasks, start, i = [], time.monotonic(), 0
+    while (now := time.monotonic()) < start + seconds:
+        due = start + i / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        tasks.append(asyncio.ensure_future(one(requests[i % len(requests)])))
+        i += 1
+    await asyncio.gather(*tasks)
+    return outcomes, i / seconds
+
+
+async def streams_figures(address: str, count: int) -> dict[str, float]:
+    import grpc
+    import make_models
+    from visionserve.protos import visionserve_pb2 as pb
+    from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+
+    image = pb.Image(raw=pb.RawImage(data=bytes(32 * 32 * 3), height=32, width=32, channels=3))
+    request = pb.SegmentRequest(model=make_models.SEGMENTER, image=image)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub, stop = pb_grpc.VisionServiceStub(channel), asyncio.Event()
+        probe = asyncio.ensure_future(health_probe(channel, stop))
+        firsts: list[float] = []
+        start = time.perf_counter()
+
+        async def stream() -> int:
+            call, answered = stub.SegmentStream(timeout=120), 0
+            for k in range(2):
+                await call.write(request)
+                reply = await call.read()
+                answered += reply.error_code == 0
+                if k == 0:
+                    firsts.append(time.perf_counter() - start)
+            await call.done_writing()
+            await call.read()
+            return answered
+
+        answered = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
+        stop.set()
+        checks = await probe
+    ok = sum(1 for a in answered if a == 2)
+    return {"streams": count, "answered": ok, "slowest_first_s": max(firsts or [0]),
+            "all_s": time.perf_counter() - start, "health_max_s": max(checks or [0])}  # fmt: skip
+
+
+async def served_figures(address: str, method: str, requests: list[bytes], args) -> dict:
+    import grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        figures = {"p50_ms": await served_latency(channel, method, requests, args.latency_requests)}
+        capacity = await closed_loop(channel, method, requests, args.in_flight, args.capacity_seconds)
+        figures["capacity"] = capacity
+        stop = asyncio.Event()
+        probe = asyncio.ensure_future(health_probe(channel, stop))
+        outcomes, offered = await open_loop(
+            channel, method, requests, args.factor * capacity, args.seconds, args.deadline_ms / 1e3
+        )
+        stop.set()
+        figures.update(offered=offered, outcomes=outcomes, health=await probe)
+    return figures
+
+
+def report(bare: dict, served: dict, streams: dict, args) -> None:
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    outcomes = served["outcomes"]
+    ok = [s for code, s in outcomes if code == "OK" and s <= args.deadline_ms / 1e3]
+    shed = [s for code, s in outcomes if code == "RESOURCE_EXHAUSTED"]
+    codes = {code: sum(1 for c, _ in outcomes if c == code) for code in {c for c, _ in outcomes}}
+    goodput = len(ok) / args.seconds
+    print(f"bare (decode + normalise + infer, this process): batch-1 p50 {bare['p50_ms']:.2f} ms; "
+          f"batch {bare['batch']}: {bare['rate']:.1f} images/s")
+    print(f"served (default settings, batching on): batch-1 p50 {served['p50_ms']:.2f} ms "
+          f"(+{served['p50_ms'] - bare['p50_ms']:.2f} ms); {args.in_flight} in flight: "
+          f"{served['capacity']:.1f} images/s = {served['capacity'] / bare['rate']:.3f} of bare")
+    print(f"overload {args.factor:g}x for {args.seconds:g} s ({served['offered']:.1f} requests/s offered, "
+          f"deadline {args.deadline_ms:g} ms): goodput {goodput:.1f}/s = "
+          f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
+    print(f"  shed RESOURCE_EXHAUSTED: p50 {pct(shed, 0.5) * 1e3:.2f} ms, p99 {pct(shed, 0.99) * 1e3:.2f} ms; "
+          f"OK latency p50 {pct(ok, 0.5) * 1e3:.0f} ms, p99 {pct(ok, 0.99) * 1e3:.0f} ms")
+    print(f"  health Check under overload: max {max(served['health']) * 1e3:.1f} ms, "
+          f"p99 {pct(served['health'], 0.99) * 1e3:.1f} ms over {len(served['health'])} checks")
+    print(f"streams: {streams['answered']}/{streams['streams']} streams answered both requests; "
+          f"slowest first answer {streams['slowest_first_s']:.2f} s, all done in {streams['all_s']:.2f} s; "
+          f"health Check max {streams['health_max_s'] * 1e3:.1f} ms")  # fmt: skip
+
+
+def main() -> int:
+    args = parse_args()
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    with tempfile.TemporaryDirectory() as tmp:
+        repository, model, images = workload(args, Path(tmp))
+        from visionserve.server.repository import ModelRepository
+
+        task = ModelRepository(repository).entry(model).config.task
+        print(f"model {model} ({task}), {len(images)} images of mean "
+              f"{np.mean([len(i) for i in images]) / 1024:.0f} KiB")  # fmt: skip
+        bare = bare_figures(repository, model, images, args)
+        requests = [request_bytes(model, task, data)[1] for data in images]
+        method = request_bytes(model, task, images[0])[0]
+        process, port = start_server(repository)
+        try:
+            served = asyncio.run(served_figures(f"127.0.0.1:{port}", method, requests, args))
+        finally:
+            process.terminate()
+            process.wait(60)
+        process, port = start_server(tiny_repository(Path(tmp) / "streams"))
+        try:
+            streams = asyncio.run(streams_figures(f"127.0.0.1:{port}", args.streams))
+        finally:
+            process.terminate()
+            process.wait(60)
+    report(bare, served, streams, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Admission control: how many requests one model takes in (queued + running).
+
+A request is *admitted* before any work is spent on it (decode included) and released
+when its answer is ready. Past the model's limit a request is refused at once with
+RESOURCE_EXHAUSTED naming the limit, never left to wait until its deadline passes;
+a request whose deadline cannot be met behind the work already admitted is refused the
+same way, before inference. Stream items instead wait their turn (``admit``): a
+stream is the batch client's flow control. Slots freed go round-robin over the streams
+waiting (``key``), oldest item first within a stream, so every stream keeps moving
+however many items another one has queued.
+
+The limit is ``max_admitted`` when set; otherwise it is derived from the model's
+measured capacity (rows per second over recent batches, all instances) times
+``wait_s``, the longest a request should expect to queue: at 200 images/s and 1 s,
+200 requests. It is never below two full batches per instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from visionserve.server.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+EWMA_WEIGHT = 0.2  # of each new batch in the capacity estimate
+
+
+class ShedObserver(Protocol):
+    def on_shed(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """``wait_s`` 0 turns admission control off; ``max_admitted`` 0: derived."""
+
+    wait_s: float = 1.0
+    max_admitted: int = 0
+
+    def __post_init__(self) -> None:
+        if self.wait_s < 0 or self.max_admitted < 0:
+            raise ValueError(
+                f"admission wait and max_admitted must be >= 0, got {self.wait_s}, "
+                f"{self.max_admitted}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.wait_s > 0 or self.max_admitted > 0
+
+
+class Admission:
+    """The admission gate of one model (thread-safe; waiters are asyncio futures)."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: AdmissionPolicy,
+        *,
+        instances: int,
+        max_batch_size: int,
+        observer: ShedObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._floor = 2 * instances * max_batch_size
+        self._instances = instances
+        self._observer = observer
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._rows_per_s: float | None = None  # one instance
+        self._waiters: dict[object, deque[_Waiter]] = {}  # per stream, in turn order
+
+    # -- measurements -------------------------------------------------------------------
+    def on_batch(self, rows: int, seconds: float) -> None:
+        """One batch ran: update the capacity estimate."""
+        if seconds <= 0:
+            return
+        rate = rows / seconds
+        with self._lock:
+            old = self._rows_per_s
+            self._rows_per_s = rate if old is None else old + EWMA_WEIGHT * (rate - old)
+
+    @property
+    def capacity(self) -> float | None:
+        """Rows per second over every instance (None until a batch ran)."""
+        rate = self._rows_per_s
+        return None if rate is None else rate * self._instances
+
+    @property
+    def limit(self) -> int:
+        if self.policy.max_admitted:
+            return self.policy.max_admitted
+        capacity = self.capacity
+        if capacity is None:
+            return 2 * self._floor
+        return max(self._floor, math.ceil(capacity * self.policy.wait_s))
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    # -- admission ----------------------------------------------------------------------
+    def try_admit(self, deadline: float | None = None) -> None:
+        """Admit one request now, or raise ``ResourceExhausted`` saying why."""
+        if not self.policy.enabled:
+            with self._lock:
+                self._admitted += 1
+            return
+        with self._lock:
+            limit = self.limit
+            if self._admitted >= limit or self._waiters:
+                reason, message = "capacity", self._full_message(limit)
+            else:
+                reason, message = self._deadline_check(deadline)
+            if reason is None:
+                self._admitted += 1
+                return
+        self.shed(reason)
+        raise ResourceExhausted(message)
+
+    async def admit(self, deadline: float | None = None, key: object = None) -> None:
+        """Admit one request, waiting while the model is full; ``key`` names the stream
+        it belongs to (freed slots go round-robin over the streams waiting)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self.policy.enabled or (not self._waiters and self._admitted < self.limit):
+                self._admitted += 1
+                return
+            waiter = _Waiter(loop, loop.create_future())
+            self._waiters.setdefault(key, deque()).append(waiter)
+        try:
+            await waiter.future  # ``release`` handed its slot over: already counted
+        except BaseException:
+            with self._lock:
+                granted = waiter.granted
+                if not granted:
+                    queue = self._waiters[key]
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._waiters[key]
+            if granted:
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """A request admitted earlier is answered: its slot goes to the next waiter."""
+        with self._lock:
+            if self._waiters and self._admitted <= self.limit:
+                key = next(iter(self._waiters))
+                queue = self._waiters.pop(key)
+                waiter = queue.popleft()
+                if queue:
+                    self._waiters[key] = queue  # back of the line
+                waiter.granted = True
+                waiter.loop.call_soon_threadsafe(_grant, waiter.future)
+                return  # the slot passes on: the count stays
+            self._admitted -= 1
+
+    def _deadline_check(self, deadline: float | None) -> tuple[str | None, str]:
+        capacity = self.capacity
+        if deadline is None or capacity is None or self._admitted == 0:
+            return None, ""
+        expected = (self._admitted + 1) / capacity
+        left = deadline - time.monotonic()
+        if expected <= left:
+            return None, ""
+        return "deadline", (
+            f"{self.name}: the request's deadline ({left * 1e3:.0f} ms left) cannot be met: "
+            f"{self._admitted} requests are ahead of it, about {expected * 1e3:.0f} ms of work "
+            f"at {capacity:.0f} images/s; retry later or with a longer deadline"
+        )
+
+    def _full_message(self, limit: int) -> str:
+        how = (
+            "--max-admitted"
+            if self.policy.max_admitted
+            else f"capacity x --admission-wait-ms {self.policy.wait_s * 1e3:.0f}"
+        )
+        return (
+            f"{self.name}: {limit} requests are already queued or running, the model's "
+            f"admission limit ({how}); retry later or on another replica"
+        )
+
+    def shed(self, reason: str) -> None:
+        """Count a request refused before any work was spent on it."""
+        if self._observer is not None:
+            self._observer.on_shed(reason)
+
+
+class _Waiter:
+    """A stream item waiting for a slot; ``granted`` once ``release`` gave it one."""
+
+    __slots__ = ("loop", "future", "granted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        self.loop, self.future, self.granted = loop, future, False
+
+
+def _grant(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,213 @@
+"""The asyncio front end on real servers: no starved stream, a flood shed at once with
+RESOURCE_EXHAUSTED, health answered while saturated, nothing lost on drain, malformed
+bytes answered INVALID_ARGUMENT (in-band in a stream), the stream limit, the token
+checked before a large body."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import cv2
+import grpc
+import make_models
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_test_helpers import metric, scrape
+from visionserve.protos import visionserve_pb2 as pb
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+
+SEG = make_models.SEGMENTER
+SEGMENT_METHOD = "/visionserve.v1.VisionService/Segment"
+STREAM_METHOD = "/visionserve.v1.VisionService/SegmentStream"
+
+
+def _request(seed: int) -> pb.SegmentRequest:
+    image = np.random.default_rng(seed).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    _, data = cv2.imencode(".png", image)
+    return pb.SegmentRequest(model=SEG, image=pb.Image(encoded=data.tobytes()), request_id=str(seed))
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def _check_health(channel: grpc.aio.Channel) -> tuple[int, float]:
+    start = time.monotonic()
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=5
+    )
+    return reply.status, time.monotonic() - start
+
+
+def test_64_long_lived_streams_are_all_served_on_default_settings(start_server) -> None:
+    server = start_server()
+
+    async def main() -> tuple[list[float], float]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            firsts: list[float] = []
+
+            async def stream(i: int) -> grpc.aio.StreamStreamCall:
+                call = stub.SegmentStream(timeout=30)
+                start = time.monotonic()
+                for k in range(3):
+                    await call.write(_request(i * 10 + k))
+                    reply = await call.read()
+                    assert reply.error_code == 0 and reply.request_id == str(i * 10 + k)
+                    if k == 0:
+                        firsts.append(time.monotonic() - start)
+                return call  # left open: every stream lives until all have been served
+
+            calls = await asyncio.gather(*(stream(i) for i in range(64)))
+            status, check_s = await _check_health(channel)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            for call in calls:
+                await call.done_writing()
+                assert await call.read() == grpc.aio.EOF
+                assert await call.code() == grpc.StatusCode.OK
+            return firsts, check_s
+
+    firsts, check_s = _run(main())
+    assert len(firsts) == 64 and max(firsts) < 10, sorted(firsts)[-5:]
+    assert check_s < 0.5
+
+
+def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server) -> None:
+    # 4 admitted at a time; a busy model gathers for 300 ms, so admitted requests hold
+    # their slots and the rest of the flood must be refused, not queued.
+    server = start_server(
+        max_admitted=4, max_queue_delay_ms=300, max_batch_size=64, metrics_port=0
+    )
+
+    async def main() -> tuple[list[tuple[str, float, str]], list[float]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+
+            async def one(i: int) -> tuple[str, float, str]:
+                start = time.monotonic()
+                try:
+                    await stub.Segment(_request(i), timeout=20)
+                    return "OK", time.monotonic() - start, ""
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, time.monotonic() - start, exc.details() or ""
+
+            async def probe() -> list[float]:
+                seconds = []
+                for _ in range(5):
+                    status, check_s = await _check_health(channel)
+                    assert status == health_pb2.HealthCheckResponse.SERVING
+                    seconds.append(check_s)
+                    await asyncio.sleep(0.02)
+                return seconds
+
+            flood = asyncio.gather(*(one(i) for i in range(64)))
+            checks = await probe()
+            return await flood, checks
+
+    outcomes, checks = _run(main())
+    codes = [code for code, _, _ in outcomes]
+    shed = [(s, d) for code, s, d in outcomes if code == "RESOURCE_EXHAUSTED"]
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert codes.count("OK") >= 4 and len(shed) >= 20, codes
+    assert all("admission limit (--max-admitted)" in d and SEG in d for _, d in shed)
+    assert sorted(s for s, _ in shed)[len(shed) // 2] < 0.25  # refused at once, not queued
+    assert max(checks) < 0.5
+    text = scrape(server.metrics_port)
+    assert metric(text, "visionserve_shed_total", model=SEG, reason="capacity") == len(shed)
+
+
+def test_drain_answers_every_admitted_request_and_tells_streams_to_finish(start_server) -> None:
+    server = start_server(max_queue_delay_ms=300, max_batch_size=64, grace_period_s=10)
+
+    async def main() -> tuple[list[str], list[pb.SegmentResponse], int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+
+            async def one(i: int) -> str:
+                try:
+                    await stub.Segment(_request(i), timeout=20)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            unary = [asyncio.ensure_future(one(i)) for i in range(16)]
+            stream = stub.SegmentStream(timeout=20)
+            for i in range(3):
+                await stream.write(_request(100 + i))
+            for _ in range(200):  # all of them admitted, most waiting for their batch
+                if server.gate.in_flight >= 17:
+                    break
+                await asyncio.sleep(0.01)
+            loop = asyncio.get_running_loop()
+            stopped = loop.run_in_executor(None, lambda: server.stop(10).wait())
+            await asyncio.sleep(0.1)
+            status, _ = await _check_health(channel)
+            await stream.write(_request(103))  # sent after the drain began
+            answers = [await stream.read() for _ in range(4)]
+            await stream.done_writing()
+            assert await stream.read() == grpc.aio.EOF
+            results = list(await asyncio.gather(*unary))
+            await stopped
+            return results, answers, status
+
+    results, answers, status = _run(main())
+    assert results == ["OK"] * 16
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert [a.error_code for a in answers[:3]] == [0, 0, 0]
+    assert answers[3].error_code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "shutting down" in answers[3].error_message and answers[3].request_id == "103"
+
+
+def test_malformed_bytes_are_invalid_argument_and_a_stream_goes_on(vision_server) -> None:
+    good = _request(7).SerializeToString()
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length beyond the message
+    with grpc.insecure_channel(f"127.0.0.1:{vision_server.port}") as channel:
+        unary = channel.unary_unary(SEGMENT_METHOD)
+        with pytest.raises(grpc.RpcError) as err:
+            unary(garbage, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf message" in err.value.details()
+        stream = channel.stream_stream(STREAM_METHOD, response_deserializer=pb.SegmentResponse.FromString)
+        answers = list(stream(iter([good, garbage, good]), timeout=20))
+    assert [a.error_code for a in answers] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert "6 bytes" in answers[1].error_message
+
+
+def test_streams_past_the_limit_are_refused(start_server) -> None:
+    server = start_server(max_streams=2)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.VisionServiceStub(channel)
+        gates = [threading.Event() for _ in range(2)]
+
+        def held(gate: threading.Event):  # type: ignore[no-untyped-def]
+            yield _request(1)
+            gate.wait(10)
+
+        open_calls = [stub.SegmentStream(held(g), timeout=20) for g in gates]
+        for call in open_calls:
+            assert next(call).error_code == 0
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.SegmentStream(iter([_request(2)]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-streams 2" in err.value.details()
+        for gate in gates:
+            gate.set()
+        for call in open_calls:
+            assert list(call) == []
+        assert len(list(stub.SegmentStream(iter([_request(3)]), timeout=10))) == 1
+
+
+def test_a_wrong_token_is_refused_before_a_large_body_is_read(start_server) -> None:
+    server = start_server(auth_token="s3cret", max_message_bytes=64 * 1024 * 1024)
+    body = pb.SegmentRequest(model=SEG, image=pb.Image(encoded=b"\0" * (48 * 1024 * 1024)))
+    with grpc.insecure_channel(
+        f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        stub = pb_grpc.VisionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Segment(body, metadata=[("authorization", "Bearer wrong")], timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "wrong bearer token" in err.value.details()
