@@ -99,10 +99,7 @@ def tiny_repository(directory: Path) -> Path:
 
 # -- bare: decode + normalise + infer in this process -------------------------------------------
 def bare_figures(repository: Path, model: str, images: list[bytes], args) -> dict[str, float]:
-    try:
-        from visionserve.server.backends import load_backend
-    except ImportError:  # before the backend registry moved to server/backends
-        from visionserve.server.served_model import load_backend
+    from visionserve.server.backends.registry import load_backend
     from visionserve.server.codec import decode_image
     from visionserve.server.preprocess import preprocess
     from visionserve.server.repository import ModelRepository
