@@ -154,12 +154,22 @@ async def served_latency(channel, method: str, requests: list[bytes], count: int
 
 
 async def closed_loop(channel, method: str, requests: list[bytes], clients: int, seconds: float) -> float:
+    """Answers/s with ``clients`` in flight (a client refused RESOURCE_EXHAUSTED by
+    admission control, at its limit, retries 5 ms later: the model stays saturated)."""
+    import grpc
+
     call = channel.unary_unary(method)
     stop_at, counts = time.monotonic() + seconds, [0] * clients
 
     async def client(i: int) -> None:
         while time.monotonic() < stop_at:
-            await call(requests[(i + counts[i] * clients) % len(requests)], timeout=60)
+            try:
+                await call(requests[(i + counts[i] * clients) % len(requests)], timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                await asyncio.sleep(0.005)
+                continue
             counts[i] += 1
 
     start = time.monotonic()

@@ -151,6 +151,8 @@ def start_server(repository: Path, max_batch: int, args: argparse.Namespace):
         str(args.intra_op_threads),
         "--max-queue-size",
         "1024",
+        "--max-admitted",  # the closed loop holds --clients in flight by design: admit them
+        str(max(1024, args.clients)),
         "--instances",
         str(args.instances),
     ]
