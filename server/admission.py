@@ -12,7 +12,8 @@ however many items another one has queued.
 The limit is ``max_admitted`` when set; otherwise it is derived from the model's
 measured capacity (rows per second over recent batches, all instances) times
 ``wait_s``, the longest a request should expect to queue: at 200 images/s and 1 s,
-200 requests. It is never below two full batches per instance.
+200 requests. It is never below one full batch per instance (batches must be able to
+form), and until a batch has been measured it is two.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Admission:
     ) -> None:
         self.name = name
         self.policy = policy
-        self._floor = 2 * instances * max_batch_size
+        self._floor = instances * max_batch_size
         self._instances = instances
         self._observer = observer
         self._lock = threading.Lock()

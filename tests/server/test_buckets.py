@@ -179,7 +179,9 @@ def test_images_of_different_sizes_in_one_bucket_run_as_one_batch(pad_repository
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 20
+    while model._batcher.depth() < len(images) and time.monotonic() < deadline:
+        time.sleep(0.01)  # every request decoded and queued behind the busy one
     backend.gate.set()
     for thread in threads:
         thread.join(30)
