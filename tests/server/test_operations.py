@@ -119,13 +119,14 @@ def test_a_full_queue_answers_resource_exhausted(start_server, slow_repository) 
     assert all("request queue is full (2 requests waiting)" in m for m in messages)
 
 
-@pytest.mark.parametrize("admission_wait_ms", [1000.0, 0.0], ids=["admission", "batcher"])
+@pytest.mark.parametrize("admission_wait_ms", [1000.0], ids=["admission"])
 def test_expired_requests_never_reach_the_backend(
     start_server, slow_repository, admission_wait_ms: float
 ) -> None:
     # A runs for ~0.1 s on the one instance; B (50 ms deadline) cannot run before it
-    # expires: admission control refuses it at once (RESOURCE_EXHAUSTED), or, with it
-    # off, the batcher drops it when its turn comes (DEADLINE_EXCEEDED). Never inferred.
+    # expires: admission control refuses it at once (RESOURCE_EXHAUSTED). Never inferred.
+    # (The batcher's own drop of expired requests: tests/server/test_batcher.py; through
+    # a server, on a loaded machine, its timing is not deterministic.)
     server = start_server(
         repository=slow_repository, metrics_port=0, admission_wait_ms=admission_wait_ms
     )
