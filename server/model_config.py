@@ -58,6 +58,27 @@ class ShapeProfile:
 INPUT_MODES = ("resize", "pad", "resize_crop")
 # torchvision's classification eval transforms: Resize(256) + CenterCrop(224)
 RESIZE_CROP_RATIO = 256 / 224
+OVERSIZED_POLICIES = ("tile", "scale", "reject")
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """What an output pixel sees, computed from the ONNX graph at export
+    (``export/receptive_field.py``): ``size`` and ``radius`` in input pixels (an output
+    pixel depends on input pixels at most ``radius`` away on each axis), ``stride`` the
+    largest stride of any feature map (tiles start on multiples of it)."""
+
+    size: int
+    radius: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        for key in ("size", "radius", "stride"):
+            object.__setattr__(self, key, int(getattr(self, key)))
+        if self.size < 1 or self.radius < 0 or self.stride < 1:
+            raise ValueError(
+                f"input.receptive_field needs size >= 1, radius >= 0, stride >= 1, got {self}"
+            )
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,13 @@ class InputSpec:
       the short side resized to ``resize_size`` (bilinear, antialiased), then the centre
       ``height`` x ``width`` cropped. ``resize_size`` defaults to ``height``, ``width``'s
       larger side x 256 / 224 (Resize(256) + CenterCrop(224) scaled to the input size).
+
+    Pad mode, images larger than the largest bucket (``oversized``): ``tile`` (default)
+    cuts them into overlapping tiles of ``tile_size`` (default: the largest bucket not
+    above 512) that overlap by ``tile_margin`` (default: the receptive field's radius
+    rounded up to its stride, at most a quarter of the tile), at most ``max_tiles`` per
+    image; ``scale`` scales them down to fit (the mask scaled back up); ``reject``
+    refuses them. ``server/tiling.py`` has the geometry.
     """
 
     name: str = "image"
@@ -86,8 +114,25 @@ class InputSpec:
     mode: str = "resize"
     buckets: tuple[int, ...] = ()  # pad mode: bucket sides in pixels (default: from the profile)
     resize_size: int | None = None  # resize_crop mode: the short side before the crop
+    receptive_field: ReceptiveField | None = None  # recorded by export
+    oversized: str = "tile"
+    tile_size: int | None = None
+    tile_margin: int | None = None
+    max_tiles: int = 1024
 
     def __post_init__(self) -> None:
+        if isinstance(self.receptive_field, dict):
+            object.__setattr__(self, "receptive_field", ReceptiveField(**self.receptive_field))
+        if self.oversized not in OVERSIZED_POLICIES:
+            raise ValueError(
+                f"input.oversized must be one of {OVERSIZED_POLICIES}, got {self.oversized!r}"
+            )
+        if self.tile_size is not None and self.tile_size < 16:
+            raise ValueError(f"input.tile_size must be at least 16 pixels, got {self.tile_size}")
+        if self.tile_margin is not None and self.tile_margin < 0:
+            raise ValueError(f"input.tile_margin must be >= 0, got {self.tile_margin}")
+        if self.max_tiles < 1:
+            raise ValueError(f"input.max_tiles must be at least 1, got {self.max_tiles}")
         if self.height < 1 or self.width < 1:
             raise ValueError(
                 f"input.height and input.width must be positive, got {self.height}x{self.width}"
