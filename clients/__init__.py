@@ -22,6 +22,7 @@ from visionserve.clients._types import (
     ClassScore,
     IoUResult,
     SegmentResult,
+    Serving,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "IoUResult",
     "RetryPolicy",
     "SegmentResult",
+    "Serving",
     "VisionClient",
     "VisionServeError",
     "classify_request",

@@ -53,12 +53,33 @@ class IoUResult:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """How the server served an image: ``mode`` "bucket" (padded to ``bucket``), "tiled"
+    (``tiles`` tiles of ``bucket``, overlapping by 2 * ``tile_margin``), "scaled" (by
+    ``scale`` < 1: only when the model's policy scales), "resized" (a fixed-size model)."""
+
+    mode: str
+    image_size: tuple[int, int]  # height, width
+    bucket: tuple[int, int]
+    tiles: int
+    tile_margin: int
+    scale: float
+    description: str
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the model ran on a scaled-down copy (the mask was scaled back up)."""
+        return self.mode == "scaled" or (self.mode == "resized" and self.scale < 1.0)
+
+
+@dataclass(frozen=True)
 class SegmentResult:
     model: str
     version: str
     request_id: str
     mask: np.ndarray  # uint8 HxW class indices at the input image's size
     iou: IoUResult | None
+    serving: Serving | None = None  # None from servers older than the field
 
 
 def decode_mask(mask: pb.Mask) -> np.ndarray:
@@ -87,9 +108,22 @@ def iou_result(msg: pb.IoUReport) -> IoUResult:
     )
 
 
+def serving_of(msg: pb.Serving) -> Serving:
+    return Serving(
+        msg.mode,
+        (msg.image_height, msg.image_width),
+        (msg.bucket_height, msg.bucket_width),
+        msg.tiles,
+        msg.tile_margin,
+        msg.scale,
+        msg.description,
+    )
+
+
 def segment_result(msg: pb.SegmentResponse) -> SegmentResult:
     iou = iou_result(msg.iou) if msg.HasField("iou") else None
-    return SegmentResult(msg.model, msg.version, msg.request_id, decode_mask(msg.mask), iou)
+    serving = serving_of(msg.serving) if msg.HasField("serving") else None
+    return SegmentResult(msg.model, msg.version, msg.request_id, decode_mask(msg.mask), iou, serving)
 
 
 def stream_item(msg: pb.SegmentResponse) -> SegmentResult | VisionServeError:

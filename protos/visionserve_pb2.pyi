@@ -143,7 +143,7 @@ class SegmentBatchResult(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[SegmentResponse, _Mapping]]] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("model", "version", "request_id", "mask", "iou", "error_code", "error_message")
+    __slots__ = ("model", "version", "request_id", "mask", "iou", "error_code", "error_message", "serving")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class SegmentResponse(_message.Message):
     IOU_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     request_id: str
@@ -158,7 +159,30 @@ class SegmentResponse(_message.Message):
     iou: IoUReport
     error_code: int
     error_message: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., request_id: _Optional[str] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ..., iou: _Optional[_Union[IoUReport, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    serving: Serving
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., request_id: _Optional[str] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ..., iou: _Optional[_Union[IoUReport, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., serving: _Optional[_Union[Serving, _Mapping]] = ...) -> None: ...
+
+class Serving(_message.Message):
+    __slots__ = ("mode", "image_height", "image_width", "bucket_height", "bucket_width", "tiles", "tile_margin", "scale", "description")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    TILE_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    image_height: int
+    image_width: int
+    bucket_height: int
+    bucket_width: int
+    tiles: int
+    tile_margin: int
+    scale: float
+    description: str
+    def __init__(self, mode: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., bucket_height: _Optional[int] = ..., bucket_width: _Optional[int] = ..., tiles: _Optional[int] = ..., tile_margin: _Optional[int] = ..., scale: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -179,7 +203,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size", "input_mode", "buckets", "device", "precision")
+    __slots__ = ("name", "version", "versions", "task", "labels", "input_height", "input_width", "backend", "ignore_index", "max_batch_size", "input_mode", "buckets", "device", "precision", "receptive_field", "receptive_field_radius", "output_stride", "oversized", "tile_size", "tile_margin", "max_tiles")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +218,13 @@ class ModelInfo(_message.Message):
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECEPTIVE_FIELD_FIELD_NUMBER: _ClassVar[int]
+    RECEPTIVE_FIELD_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    OVERSIZED_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TILE_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TILES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -208,4 +239,11 @@ class ModelInfo(_message.Message):
     buckets: _containers.RepeatedScalarFieldContainer[int]
     device: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., input_mode: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    receptive_field: int
+    receptive_field_radius: int
+    output_stride: int
+    oversized: str
+    tile_size: int
+    tile_margin: int
+    max_tiles: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backend: _Optional[str] = ..., ignore_index: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., input_mode: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., receptive_field: _Optional[int] = ..., receptive_field_radius: _Optional[int] = ..., output_stride: _Optional[int] = ..., oversized: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_margin: _Optional[int] = ..., max_tiles: _Optional[int] = ...) -> None: ...

@@ -269,6 +269,7 @@ class ModelConfig:
         high = min(profile.height[2], profile.width[2])
         if not spec.buckets:
             object.__setattr__(self, "input", replace(spec, buckets=bucket_ladder(low, high)))
+            self._check_tiles()
             return
         outside = [b for b in spec.buckets if not low <= b <= high]
         if outside:
@@ -276,6 +277,19 @@ class ModelConfig:
                 f"input.buckets {outside} lie outside the profile's height and width range "
                 f"{low}..{high}"
             )
+        self._check_tiles()
+
+    def _check_tiles(self) -> None:
+        """The tile fits the largest bucket and leaves a step between tiles."""
+        from visionserve.server.tiling import tile_plan  # tiling reads InputSpec
+
+        spec = self.input
+        if spec.tile_size is not None and spec.tile_size > spec.buckets[-1]:
+            raise ValueError(
+                f"input.tile_size {spec.tile_size} exceeds the largest bucket {spec.buckets[-1]}"
+            )
+        big = 4 * spec.buckets[-1]
+        tile_plan(big, big, spec)  # ValueError naming the tile and margin when no step is left
 
     @property
     def num_classes(self) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 from visionserve.server import codec
 from visionserve.server.errors import InvalidArgument
 from visionserve.server.iou import IoUResult
+from visionserve.server.tiling import Serving
 
 MASK_FORMATS = ("png", "raw")
 
@@ -87,6 +88,7 @@ class SegmentResult:
     mask_format: str
     iou: IoUResult | None
     ignore_index: int
+    serving: Serving | None = None  # how the image was served (bucket, tiles, scaled)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 ``ServedModel`` owns what happens to a request once a servicer has translated it
 (``requests.SegmentInput`` / ``ClassifyInput``)::
 
-    job = model.begin(request)            # decode, check, preprocess   (CPU, off the loop)
-    future = model.submit(job.tensor, deadline)   # the dynamic batcher  (its own threads)
+    job = model.begin(request)            # decode, check, plan, preprocess (CPU, off the loop)
+    future = model.submit_job(job, deadline)   # the dynamic batcher (its own threads);
+                                          # an image beyond the largest bucket as tiles
     result = model.finish(job, outputs)   # mask to size, encode, IoU / top-k (CPU)
 
 ``run(request, deadline)`` does all three in the caller's thread (offline path,
@@ -41,6 +42,7 @@ from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.postprocess import mask_to_image, top_k
 from visionserve.server.preprocess import layout, preprocess
+from visionserve.server.repository import ModelEntry
 from visionserve.server.requests import (
     ClassifyInput,
     ClassifyResult,
@@ -53,6 +55,8 @@ from visionserve.server.requests import (
     encode_mask,
 )
 from visionserve.server.statistics import InferenceStatistics, Observers
+from visionserve.server.tile_runner import TiledRun
+from visionserve.server.tiling import Serving, plan_image
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ class Job:
     image: np.ndarray  # RGB uint8 HxWx3
     truth: np.ndarray | None  # uint8 HxW, the image's size
     ignore_index: int
-    tensor: np.ndarray  # the model's input, one row
+    tensor: np.ndarray | None  # the model's input, one row (None: tiled, cut when submitted)
+    serving: Serving | None = None  # segmentation: how the image is served
 
 
 def raw_request(task: str, image: np.ndarray) -> Request:
@@ -159,7 +164,40 @@ class ServedModel:
             if request.ignore_index is not None:
                 ignore_index = request.ignore_index
             truth = decode_truth(request.truth, image.shape[:2], limit)
-        return Job(request, image, truth, ignore_index, self.prepare(image))
+        if isinstance(request, ClassifyInput):
+            return Job(request, image, truth, ignore_index, self.prepare(image))
+        serving = self.plan(image)
+        tensor = None if serving.tiles is not None else self.prepare(image)
+        return Job(request, image, truth, ignore_index, tensor, serving)
+
+    def plan(self, image: np.ndarray) -> Serving:
+        """How this model serves ``image`` (``tiling.plan_image``; ``ResourceExhausted`` when
+        the policy is ``reject`` or the tiles would exceed ``max_tiles``)."""
+        spec, (height, width) = self.config.input, image.shape[:2]
+        if spec.mode != "pad":
+            return Serving("resized", height, width, (spec.height, spec.width),
+                           min(spec.height / height, spec.width / width))
+        return plan_image(height, width, spec)
+
+    def submit_job(self, job: Job, deadline: float | None = None, *, inline: bool = False) -> Future:
+        """Submit a begun job; the future gives the outputs ``finish`` takes. A tiled job
+        goes through the batcher as tiles (``TiledRun``), its future gives the stitched mask."""
+        if job.tensor is not None:
+            return self.submit(job.tensor, deadline, inline=inline)
+        plan = job.serving.tiles
+        side = plan.tile
+        tensor = layout(side, side, self.config.input).tensor  # a tile, padded to its bucket
+        run = TiledRun(
+            job.image,
+            plan,
+            submit=self.submit,
+            prepare=self.prepare,
+            tile_mask=lambda outputs: self._checked_mask(outputs, tensor)[:side, :side],
+            output=self.config.outputs["mask"],
+            deadline=deadline,
+            wave=2 * self.config.max_batch_size * self.config.instances,
+        )
+        return run.future
 
     def submit(
         self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
@@ -181,17 +219,17 @@ class ServedModel:
         request = job.request
         if isinstance(request, ClassifyInput):
             return self._finish_classify(request, outputs)
-        mask = self.finish_mask(outputs, job.image)
+        mask = self.finish_mask(outputs, job.image, job.serving)
         iou = None
         if job.truth is not None:
             iou = compute_iou(mask, job.truth, self.config.num_classes, job.ignore_index)
         encoded = encode_mask(mask, request.mask_format)
-        return SegmentResult(mask, encoded, request.mask_format, iou, job.ignore_index)
+        return SegmentResult(mask, encoded, request.mask_format, iou, job.ignore_index, job.serving)
 
     def run(self, request: Request, deadline: float | None = None) -> Result:
         """The whole walk in the caller's thread (offline use, synchronous servers)."""
         job = self.begin(request)
-        return self.finish(job, wait_for(self.submit(job.tensor, deadline, inline=True), deadline))
+        return self.finish(job, wait_for(self.submit_job(job, deadline, inline=True), deadline))
 
     async def serve(
         self,
@@ -219,7 +257,7 @@ class ServedModel:
         server's CPU pool), inference in the batcher's threads; the event loop only waits."""
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(executor, self.begin, request)
-        outputs = await wait_async(self.submit(job.tensor, deadline), deadline)
+        outputs = await wait_async(self.submit_job(job, deadline), deadline)
         return await loop.run_in_executor(executor, self.finish, job, outputs)
 
     async def infer_async(
@@ -270,28 +308,37 @@ class ServedModel:
         labels = self.config.labels
         return ClassifyResult(row, [(i, labels[i], s) for i, s in top_k(row, k)])
 
-    def finish_mask(self, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+    def finish_mask(
+        self, outputs: dict[str, np.ndarray], image: np.ndarray, serving: Serving | None = None
+    ) -> np.ndarray:
         """One request's outputs -> its uint8 mask at ``image``'s size (checked).
 
         The mask is cropped to where ``prepare`` put the image (pad mode) and resized
-        back to the image's height x width.
+        back to the image's height x width; a tiled image's mask is stitched already
+        (each tile checked as it came back).
         """
+        if serving is not None and serving.tiles is not None:
+            return outputs[self.config.outputs["mask"]][0]
         plan = layout(image.shape[0], image.shape[1], self.config.input)
+        mask = self._checked_mask(outputs, plan.tensor)
+        return mask_to_image(mask, plan.content, image.shape[0], image.shape[1])
+
+    def _checked_mask(self, outputs: dict[str, np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        """The one-row mask output of a ``size`` (H, W) input as uint8 H x W, checked."""
         out = outputs[self.config.outputs["mask"]]
         if out.ndim == 4 and out.shape[1] == 1:
             out = out[:, 0]
-        if out.shape != (1, *plan.tensor):
+        if out.shape != (1, *size):
             raise BackendError(
                 f"{self.name}: model returned a mask of shape {out.shape}, "
-                f"expected {(1, *plan.tensor)}"
+                f"expected {(1, *size)}"
             )
         if out.size and (out.min() < 0 or out.max() >= self.config.num_classes):
             raise BackendError(
                 f"{self.name}: model returned class values {int(out.min())}..{int(out.max())}, "
                 f"expected 0..{self.config.num_classes - 1}"
             )
-        mask = out[0].astype(np.uint8, copy=False)
-        return mask_to_image(mask, plan.content, image.shape[0], image.shape[1])
+        return out[0].astype(np.uint8, copy=False)
 
     # -- lifecycle -----------------------------------------------------------------------
     def warmup(self) -> None:

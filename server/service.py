@@ -24,6 +24,7 @@ from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.errors import InvalidArgument, Unavailable, VisionServeError
 from visionserve.server.interceptors import Malformed
+from visionserve.server.model_config import InputSpec
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.requests import (
     ClassifyInput,
@@ -36,6 +37,7 @@ from visionserve.server.requests import (
 from visionserve.server.served_model import ServedModel
 from visionserve.server.settings import ServerSettings
 from visionserve.server.stream import pipeline
+from visionserve.server.tiling import Serving, tile_margin, tile_size
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             max_batch_size=config.max_batch_size,
             input_mode=config.input.mode,
             buckets=list(config.input.buckets),
+            **tiling_fields(config.input),
         )
 
 
@@ -321,7 +324,38 @@ def segment_response(
     )
     if result.iou is not None:
         response.iou.CopyFrom(_iou_report(result, model.config.labels))
+    if result.serving is not None:
+        response.serving.CopyFrom(serving_message(result.serving))
     return response
+
+
+def serving_message(serving: Serving) -> pb.Serving:
+    """``tiling.Serving`` -> its protobuf message."""
+    tiles = serving.tiles
+    return pb.Serving(
+        mode=serving.mode,
+        image_height=serving.height,
+        image_width=serving.width,
+        bucket_height=serving.bucket[0],
+        bucket_width=serving.bucket[1],
+        tiles=tiles.count if tiles else 0,
+        tile_margin=tiles.margin if tiles else 0,
+        scale=serving.scale,
+        description=serving.describe(),
+    )
+
+
+def tiling_fields(spec: InputSpec) -> dict[str, object]:
+    """ModelInfo's receptive field and oversized-image fields."""
+    field = spec.receptive_field
+    fields: dict[str, object] = {"oversized": spec.oversized if spec.mode == "pad" else ""}
+    if field is not None:
+        fields |= {"receptive_field": field.size, "receptive_field_radius": field.radius,
+                   "output_stride": field.stride}
+    if spec.mode == "pad":
+        tile = tile_size(spec)
+        fields |= {"tile_size": tile, "tile_margin": tile_margin(spec, tile), "max_tiles": spec.max_tiles}
+    return fields
 
 
 def error_response(request: pb.SegmentRequest, error: BaseException | None, rpc: str) -> pb.SegmentResponse:

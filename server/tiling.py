@@ -86,6 +86,8 @@ class Serving:
             return f"tiled: {t.count} tiles of {t.tile}x{t.tile}, margin {t.margin}"
         if self.mode == "scaled":
             return f"scaled by {self.scale:.3f} to fit {self.bucket[0]}x{self.bucket[1]}"
+        if self.mode == "resized":
+            return f"resized to {self.bucket[0]}x{self.bucket[1]}"
         return f"bucket {self.bucket[0]}x{self.bucket[1]}"
 
 

@@ -158,6 +158,58 @@ def write_entry(
     return model_dir
 
 
+def zoo_segmenter_onnx(architecture: str, *, base_channels: int = 8, depth: int = 3,
+                       seed: int = 0) -> onnx.ModelProto:
+    """The zoo's ``unet`` or ``segnet`` (4 classes) exported as ``visionserve export`` does,
+    with random weights and random BatchNorm statistics, so that its mask varies over an
+    image (needs torch: the export extra)."""
+    import torch
+
+    from visionserve.export.models import build_model
+    from visionserve.export.onnx_export import check_onnx, onnx_from_module, size_multiple_of
+
+    torch.manual_seed(seed)
+    model = build_model(architecture, num_classes=len(LABELS), base_channels=base_channels, depth=depth)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    _centre_head(model.eval(), torch.from_numpy(
+        scene(np.random.default_rng(seed), 256, 256).transpose(2, 0, 1)[None] / 127.5 - 1.0).float())
+    return check_onnx(onnx_from_module(model.eval(), "segmentation", height=64, width=64,
+                                       size_multiple=size_multiple_of(model)))
+
+
+def _centre_head(model: object, sample: object) -> None:
+    """Set the 1x1 head's bias to cancel its response to the mean feature of ``sample``, so
+    that each class wins somewhere (random weights otherwise let one class win everywhere)."""
+    import torch
+
+    seen = []
+    hook = model.head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(sample)
+        hook.remove()
+        mean = seen[0].mean(dim=(0, 2, 3))
+        model.head.bias.copy_(-model.head.weight[:, :, 0, 0] @ mean)
+
+
+def scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """An RGB uint8 image of coloured rectangles and discs on a noisy background."""
+    import cv2
+
+    image = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
+    for _ in range(max(4, height * width // 40_000)):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+        size = int(rng.integers(8, 120))
+        if rng.random() < 0.5:
+            cv2.rectangle(image, (x, y), (x + size, y + size // 2), colour, -1)
+        else:
+            cv2.circle(image, (x, y), size // 2, colour, -1)
+    return image
+
+
 def write_repository(repo: Path) -> Path:
     """The test repository: tiny-classifier (versions 1, 2) and tiny-segmenter (version 1)."""
     repo = Path(repo)
