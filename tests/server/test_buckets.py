@@ -130,16 +130,32 @@ def test_served_masks_are_the_model_at_the_image_resolution(
     np.testing.assert_array_equal(result.mask, make_models.segmenter_reference(image))
 
 
-def test_an_image_beyond_the_largest_bucket_is_scaled_down_and_its_mask_scaled_back(
+def test_an_image_beyond_the_largest_bucket_is_scaled_down_when_the_policy_says_scale(
+    start_server, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    make_models.write_entry(tmp_path, "scaling", "segmentation", profile=PROFILE,
+                            input=replace(PAD, oversized="scale"))
+    server = start_server(repository=tmp_path)
+    image, classes = make_models.block_image(np.random.default_rng(3), (6, 8), block=(30, 30))
+    with VisionClient(f"127.0.0.1:{server.port}") as client:
+        result = client.segment(image, model="scaling")
+    assert result.mask.shape == (180, 240)
+    assert result.serving.scaled and "scaled by 0.267" in result.serving.description
+    expected = np.kron(classes, np.ones((30, 30), np.uint8))
+    assert (result.mask == expected).mean() > 0.97  # only block edges may move by a pixel
+
+
+def test_an_image_beyond_the_largest_bucket_is_tiled_by_default(
     start_server, pad_repository: Path
 ) -> None:
     server = start_server(repository=pad_repository)
-    image, classes = make_models.block_image(np.random.default_rng(3), (6, 8), block=(30, 30))
+    image = np.random.default_rng(4).integers(0, 256, (180, 240, 3), dtype=np.uint8)
     with VisionClient(f"127.0.0.1:{server.port}") as client:
-        mask = client.segment(image, model="pad-segmenter").mask
-    assert mask.shape == (180, 240)
-    expected = np.kron(classes, np.ones((30, 30), np.uint8))
-    assert (mask == expected).mean() > 0.97  # only block edges may move by a pixel
+        result = client.segment(image, model="pad-segmenter")
+    np.testing.assert_array_equal(result.mask, make_models.segmenter_reference(image))
+    assert result.serving.mode == "tiled" and not result.serving.scaled
 
 
 class RecordingBackend:
