@@ -461,6 +461,10 @@ class BatchRunner:
         job, s = prepared.job, self.settings
         mask = decode_mask(response.mask)
         record = build_record(job, mask, prepared.truth, s.num_classes, s.ignore_index)
+        if response.HasField("serving"):  # how the server served it (older servers: absent)
+            served = response.serving
+            record["served"] = served.description or served.mode
+            record["scaled"] = served.mode == "scaled" or (served.mode == "resized" and served.scale < 1)
         if s.server_iou and prepared.truth is not None:
             check_server_iou(record["confusion"], response)
             record["server_checked"] = True  # the report claims the cross-check for these

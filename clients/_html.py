@@ -78,6 +78,11 @@ def _summary(report: dict[str, Any]) -> str:
             ("pixel accuracy", _fmt(iou["pixel_accuracy"])),
             ("mean of per-image mean IoU", _fmt(iou["per_image_mean_iou_average"])),
         ]
+    served = report.get("served") or {}
+    if served.get("modes"):
+        rows.append(("served as", ", ".join(f"{m}: {n}" for m, n in sorted(served["modes"].items()))))
+    if served.get("scaled_images"):
+        rows.append(("scaled down (not full resolution)", len(served["scaled_images"])))
     if report.get("stopped"):
         rows.append(("stopped early", report["stopped"]))
     body = "".join(

@@ -37,6 +37,24 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.n
     return cv2.addWeighted(image_rgb, 1 - alpha, colour_mask(mask), alpha, 0.0)
 
 
+OVERLAY_MAX_SIDE = 4096  # overlays of larger images are downscaled to this (masks never)
+
+
+def overlay_size(
+    image_rgb: np.ndarray, mask: np.ndarray, max_side: int = OVERLAY_MAX_SIDE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image and mask scaled down (area / nearest) so that the longer side is at most
+    ``max_side``; unchanged when they fit."""
+    scale = max_side / max(mask.shape)
+    if scale >= 1.0:
+        return image_rgb, mask
+    size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
+    return (
+        cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA),
+        cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST),
+    )
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3 (ValueError if OpenCV cannot decode them)."""
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

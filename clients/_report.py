@@ -86,6 +86,7 @@ def build_report(
         "not_done": len(keys) - len(done) - len(failures),
         "stopped": stopped,
         "failures": [{"image": k, "reason": failures[k]} for k in sorted(failures)],
+        "served": served_summary(done),
     }
     scored = [r for r in done if r.get("confusion") is not None]
     if scored:
@@ -111,6 +112,22 @@ def build_report(
         ]
         report["iou"] = iou
     return report
+
+
+def served_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the images were served: counts per mode ("bucket", "tiled", "scaled", ...), the
+    largest image, and the images the server scaled down (their masks are not at full
+    resolution)."""
+    modes: dict[str, int] = {}
+    for record in records:
+        mode = str(record.get("served", "unknown")).split(":")[0].split(" ")[0]
+        modes[mode] = modes.get(mode, 0) + 1
+    largest = max(records, key=lambda r: r.get("height", 0) * r.get("width", 0), default=None)
+    return {
+        "modes": modes,
+        "largest_image": None if largest is None else [largest.get("height"), largest.get("width")],
+        "scaled_images": sorted(r["key"] for r in records if r.get("scaled")),
+    }
 
 
 def classes_csv(report: dict[str, Any]) -> str:
@@ -146,7 +163,9 @@ def images_csv(
 ) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image", "status", "mask", "mean_iou", "pixel_accuracy", "reason"])
+    writer.writerow(
+        ["image", "status", "mask", "height", "width", "served", "mean_iou", "pixel_accuracy", "reason"]
+    )
     for key in keys:
         record = records.get(key)
         if record is not None:
@@ -157,6 +176,9 @@ def images_csv(
                     key,
                     "ok",
                     record["mask"],
+                    record.get("height", ""),
+                    record.get("width", ""),
+                    record.get("served", ""),
                     "" if miou is None else round(miou, 6),
                     "" if acc == "" else round(acc, 6),
                     "",
@@ -164,7 +186,7 @@ def images_csv(
             )
         else:
             status = "failed" if key in failures else "not done"
-            writer.writerow([key, status, "", "", "", failures.get(key, "")])
+            writer.writerow([key, status, "", "", "", "", "", "", failures.get(key, "")])
     return buffer.getvalue()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean
-from visionserve.clients._render import decode_rgb, encode_png, overlay
+from visionserve.clients._render import decode_rgb, encode_png, overlay, overlay_size
 from visionserve.server.atomic import write_atomic
 
 
@@ -59,8 +59,8 @@ def write_outputs(
     write_atomic(job.mask_out, png)
     record["mask"] = job.mask_out.relative_to(out_root).as_posix()
     record["bytes"] = len(png)
-    if job.overlay_out is not None:
-        blended = overlay(decode_rgb(image), mask)
+    if job.overlay_out is not None:  # may be downscaled (large images); masks never are
+        blended = overlay(*overlay_size(decode_rgb(image), mask))
         write_atomic(job.overlay_out, encode_png(blended, rgb=True))
         record["overlay"] = job.overlay_out.relative_to(out_root).as_posix()
     return record

@@ -21,6 +21,7 @@ from visionserve.server.kserve_tensors import datatype_of
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.served_model import ServedModel
 from visionserve.server.statistics import Duration
+from visionserve.server.tiling import tile_margin, tile_size
 
 IMAGE, GROUND_TRUTH = "IMAGE", "GROUND_TRUTH"
 LABELS, SCORES = "LABELS", "SCORES"
@@ -88,7 +89,35 @@ def model_metadata(registry: ModelRegistry, model: ServedModel) -> kpb.ModelMeta
         response.inputs.add(name=form.name, datatype=form.datatype, shape=list(form.shape))
     for form in output_forms(model):
         response.outputs.add(name=form.name, datatype=form.datatype, shape=list(form.shape))
+    for key, value in size_parameters(model).items():
+        if isinstance(value, str):
+            response.parameters[key].string_param = value
+        else:
+            response.parameters[key].int64_param = value
     return response
+
+
+def size_parameters(model: ServedModel) -> dict[str, int | str]:
+    """ModelMetadata ``parameters``: the input tensor's size range, the largest decoded
+    image, the receptive field and, in pad mode, how oversized images are served."""
+    spec, profile = model.config.input, model.config.profile
+    params: dict[str, int | str] = {
+        "input_mode": spec.mode,
+        "max_image_pixels": model.limits.max_decoded_pixels,
+    }
+    if profile.height is not None and profile.width is not None:  # tensor H, W range
+        params["min_size"] = max(profile.height[0], profile.width[0])
+        params["max_size"] = min(profile.height[2], profile.width[2])
+    if spec.receptive_field is not None:
+        params |= {"receptive_field": spec.receptive_field.size,
+                   "receptive_field_radius": spec.receptive_field.radius,
+                   "output_stride": spec.receptive_field.stride}
+    if spec.mode == "pad":
+        tile = tile_size(spec)
+        params |= {"largest_bucket": spec.buckets[-1], "oversized": spec.oversized,
+                   "tile_size": tile, "tile_margin": tile_margin(spec, tile),
+                   "max_tiles": spec.max_tiles}
+    return params
 
 
 def _data_type(datatype: str) -> int:

@@ -225,3 +225,73 @@ def test_small_requests_are_not_blocked_behind_a_tiled_image() -> None:
         assert run.future.result(10)["mask"].shape == (1, 640, 640)
     finally:
         batcher.close()
+
+
+def test_kserve_model_metadata_states_sizes_and_tiling(start_server, tiny_repository: Path) -> None:
+    from visionserve.protos import grpc_service_pb2 as kpb
+    from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
+
+    server = start_server(repository=tiny_repository, max_decoded_pixels=5_000_000)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        meta = kpb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            kpb.ModelMetadataRequest(name="tiles"))
+    params = {k: v.WhichOneof("parameter_choice") and getattr(v, v.WhichOneof("parameter_choice"))
+              for k, v in meta.parameters.items()}
+    assert params == {
+        "input_mode": "pad", "min_size": 16, "max_size": 64, "max_image_pixels": 5_000_000,
+        "receptive_field": 1, "receptive_field_radius": 0, "output_stride": 1,
+        "largest_bucket": 64, "oversized": "tile", "tile_size": 64, "tile_margin": 0,
+        "max_tiles": 1024,
+    }
+
+
+def test_segment_cli_reports_size_and_how_each_image_was_served(
+    start_server, tiny_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+    import json
+
+    import cv2
+    from visionserve.cli import main
+
+    server = start_server(repository=tiny_repository)
+    rng = np.random.default_rng(9)
+    images, gts = tmp_path / "images", tmp_path / "gts"
+    images.mkdir()
+    gts.mkdir()
+    for name, hw in {"big": (200, 300), "small": (40, 50)}.items():
+        image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        cv2.imwrite(str(images / f"{name}.png"), image[..., ::-1])
+        cv2.imwrite(str(gts / f"{name}.png"), make_models.segmenter_reference(image))
+    for model in ("tiles", "scales"):
+        out = tmp_path / model
+        code = main(["segment", str(images), "--server", f"127.0.0.1:{server.port}", "--model", model,
+                     "--gt", str(gts), "--out", str(out), "--no-progress", "--overlays"])
+        assert code == 0
+        rows = {r["image"]: r for r in csv.DictReader((out / "report_images.csv").open())}
+        assert (rows["big.png"]["height"], rows["big.png"]["width"]) == ("200", "300")
+        mask = cv2.imread(str(out / "masks/big.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (200, 300)  # masks are never downscaled
+        served = json.loads((out / "report.json").read_text())["served"]
+        err = capsys.readouterr().err
+        if model == "tiles":
+            assert rows["big.png"]["served"] == "tiled: 20 tiles of 64x64, margin 0"
+            assert rows["small.png"]["served"] == "bucket 48x64"
+            assert served["modes"] == {"tiled": 1, "bucket": 1} and served["scaled_images"] == []
+            assert "scaled down" not in err
+        else:
+            assert rows["big.png"]["served"].startswith("scaled by 0.213")
+            assert served["scaled_images"] == ["big.png"]
+            assert "warning: the server scaled down 1 image(s)" in err and "big.png" in err
+
+
+def test_overlays_of_huge_images_are_downscaled_masks_never() -> None:
+    from visionserve.clients._render import overlay_size
+
+    image = np.zeros((5000, 8192, 3), np.uint8)
+    mask = np.zeros((5000, 8192), np.uint8)
+    small_image, small_mask = overlay_size(image, mask)
+    assert small_image.shape == (2500, 4096, 3) and small_mask.shape == (2500, 4096)
+    assert overlay_size(image[:100], mask[:100])[1].shape == (50, 4096)
+    same = overlay_size(image[:100, :100], mask[:100, :100])
+    assert same[1].shape == (100, 100)

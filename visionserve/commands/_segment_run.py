@@ -123,6 +123,14 @@ def finish(
         f"{report['segmented']}/{len(keys)} images segmented; masks in {args.out / 'masks'}, "
         f"report in {args.out / 'report.html'}"
     )
+    scaled = report["served"]["scaled_images"]
+    if scaled:
+        print(
+            f"warning: the server scaled down {len(scaled)} image(s) larger than the model's "
+            f"largest shape bucket (model policy 'scale'); their masks were scaled back up, not "
+            f"segmented at full resolution: {', '.join(scaled[:5])}{' ...' if len(scaled) > 5 else ''}",
+            file=sys.stderr,
+        )
     for item in report["failures"]:
         print(f"FAILED {item['image']}: {item['reason']}", file=sys.stderr)
     if stopped:
