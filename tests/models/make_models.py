@@ -165,15 +165,12 @@ def zoo_segmenter_onnx(architecture: str, *, base_channels: int = 8, depth: int 
     image (needs torch: the export extra)."""
     import torch
 
-    from visionserve.export.models import build_model
+    from visionserve.export.models import build_model, randomise_batchnorm
     from visionserve.export.onnx_export import check_onnx, onnx_from_module, size_multiple_of
 
     torch.manual_seed(seed)
-    model = build_model(architecture, num_classes=len(LABELS), base_channels=base_channels, depth=depth)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
+    model = randomise_batchnorm(build_model(architecture, num_classes=len(LABELS),
+                                            base_channels=base_channels, depth=depth))
     _centre_head(model.eval(), torch.from_numpy(
         scene(np.random.default_rng(seed), 256, 256).transpose(2, 0, 1)[None] / 127.5 - 1.0).float())
     return check_onnx(onnx_from_module(model.eval(), "segmentation", height=64, width=64,
