@@ -10,14 +10,19 @@ one row, like a bucket-sized request's outputs), or fails with the first tile's 
 Cancelling ``future`` (the caller's deadline, or a cancelled RPC) drops the tiles not yet
 run; every tile carries the request's deadline. A full queue delays the next tile (it is
 retried as tiles finish, or shortly); the request's deadline bounds that wait.
+
+A finished tile is pasted in the batcher's thread (a copy); cutting and normalising the
+next tile runs in a small shared pool (``PREPARE_THREADS``), so that the batcher's thread
+goes straight back to the backend.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from visionserve.server.errors import ResourceExhausted
@@ -26,6 +31,18 @@ from visionserve.server.tiling import TilePlan, cut_tile, paste
 log = logging.getLogger(__name__)
 
 RETRY_S = 0.005  # a full queue and no tile of this image in flight: try again after this
+PREPARE_THREADS = max(1, (os.cpu_count() or 2) // 2)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _prepare_pool() -> ThreadPoolExecutor:
+    """The shared pool that cuts and normalises tiles (created on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="visionserve-tiles")
+        return _pool
 
 Submit = Callable[[np.ndarray, "float | None"], Future]
 
@@ -109,7 +126,7 @@ class TiledRun:
         if finished:
             self._resolve()
         else:
-            self._fill()
+            _prepare_pool().submit(self._fill)
 
     def _resolve(self) -> None:
         try:
