@@ -198,7 +198,7 @@ async def _run(
 ) -> list[Result]:
     """Submit every job (they batch together), then ``ServedModel.finish`` each."""
     loop = asyncio.get_running_loop()
-    futures = [model.submit(job.tensor, deadline) for job in jobs]
+    futures = [model.submit_job(job, deadline) for job in jobs]
     try:
         outputs = [await wait_async(future, deadline) for future in futures]
         return await loop.run_in_executor(

@@ -295,3 +295,25 @@ def test_overlays_of_huge_images_are_downscaled_masks_never() -> None:
     assert overlay_size(image[:100], mask[:100])[1].shape == (50, 4096)
     same = overlay_size(image[:100, :100], mask[:100, :100])
     assert same[1].shape == (100, 100)
+
+
+def test_kserve_encoded_image_beyond_the_largest_bucket_is_tiled(start_server,
+                                                                 tiny_repository: Path) -> None:
+    import struct
+
+    import cv2
+    from visionserve.protos import grpc_service_pb2 as kpb
+    from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
+
+    server = start_server(repository=tiny_repository)
+    image = np.random.default_rng(10).integers(0, 256, (150, 260, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", image[..., ::-1])[1].tobytes()
+    request = kpb.ModelInferRequest(model_name="tiles")
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(png)) + png)
+    request.outputs.add(name="MASK")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        response = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    out = response.outputs[0]
+    mask = np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(out.shape)
+    np.testing.assert_array_equal(mask[0], make_models.segmenter_reference(image))
