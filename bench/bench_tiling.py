@@ -68,7 +68,7 @@ def write_repository(repo: Path, base_channels: int, max_batch: int) -> str:
 def bare_tiles_per_s(repo: Path, model: str, args: argparse.Namespace) -> tuple[float, int]:
     """Best tiles/s of backend.infer on batches of tiles, and the batch size it took."""
     from visionserve.server.repository import ModelRepository
-    from visionserve.server.served_model import auto_threads, load_backend
+    from visionserve.server.backends.registry import auto_threads, load_backend
     from visionserve.server.preprocess import preprocess_batch
     from visionserve.server.tiling import tile_size
 
@@ -149,7 +149,7 @@ def served(port: int, model: str, images: list[bytes], clients: int) -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    from visionserve.server.served_model import auto_threads
+    from visionserve.server.backends.registry import auto_threads
 
     args = parse_args(argv)
     placement = next(p for p in placements(args.placement))

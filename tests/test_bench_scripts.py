@@ -62,3 +62,14 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     assert figures["unet_agreement"]["fp16_vs_fp32_on_cpu"]["mask_agreement"] > 0.9
     assert set(figures["unet_shapes"]) == {"shapes", "HEURISTIC", "EXHAUSTIVE"}
     assert "served backend: onnxruntime-cpu on cpu, fp32" in log
+
+
+def test_tiling_bench_starts_and_documents_its_options() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_tiling.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--sizes" in done.stdout and "--huge" in done.stdout
