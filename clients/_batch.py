@@ -34,7 +34,7 @@ from visionserve.clients._dataset_iou import iou_from_confusion
 from visionserve.clients._errors import VisionServeError, translate
 from visionserve.clients._journal import Journal
 from visionserve.clients._render import decode_index_mask
-from visionserve.clients._results import Job, build_record, write_outputs
+from visionserve.clients._results import Job, build_record, served_fields, write_outputs
 from visionserve.clients._types import decode_mask
 from visionserve.protos import visionserve_pb2 as pb
 
@@ -463,8 +463,7 @@ class BatchRunner:
         record = build_record(job, mask, prepared.truth, s.num_classes, s.ignore_index)
         if response.HasField("serving"):  # how the server served it (older servers: absent)
             served = response.serving
-            record["served"] = served.description or served.mode
-            record["scaled"] = served.mode == "scaled" or (served.mode == "resized" and served.scale < 1)
+            record.update(served_fields(served.mode, served.description, served.scale))
         if s.server_iou and prepared.truth is not None:
             check_server_iou(record["confusion"], response)
             record["server_checked"] = True  # the report claims the cross-check for these

@@ -14,7 +14,7 @@ from typing import Any
 
 from visionserve.clients._journal import Journal
 from visionserve.clients._render import decode_index_mask
-from visionserve.clients._results import Job, build_record, write_outputs
+from visionserve.clients._results import Job, build_record, served_fields, write_outputs
 from visionserve.server.offline import OfflineModel
 
 
@@ -53,17 +53,20 @@ def segment_chunk(
         except (OSError, ValueError) as exc:
             problems[i] = f"cannot read the file: {job.gt}: {exc}"
     ready = [i for i in range(len(jobs)) if i not in problems]
-    masks = dict(zip(ready, model.segment([images[i] for i in ready]), strict=True))
+    results = dict(zip(ready, model.segment_results([images[i] for i in ready]), strict=True))
     outcomes = []
     for i, job in enumerate(jobs):
-        mask = masks.get(i)
-        if isinstance(mask, Exception):
-            problems[i] = f"{type(mask).__name__}: {mask}"
+        result = results.get(i)
+        if isinstance(result, Exception):
+            problems[i] = f"{type(result).__name__}: {result}"
         if i in problems:
             outcomes.append(Outcome(job.key, reason=problems[i]))
             continue
         try:
+            mask, serving = result.mask, result.serving
             record = build_record(job, mask, truths[i], scoring.num_classes, scoring.ignore_index)
+            if serving is not None:
+                record.update(served_fields(serving.mode, serving.describe(), serving.scale))
             write_outputs(job, mask, record, scoring.out_root, images[i])
         except Exception as exc:  # noqa: BLE001 - one image's failure, listed in the report
             outcomes.append(Outcome(job.key, reason=f"{type(exc).__name__}: {exc}"))

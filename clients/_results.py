@@ -50,6 +50,15 @@ def build_record(
     return record
 
 
+def served_fields(mode: str, description: str, scale: float) -> dict[str, Any]:
+    """A record's ``served`` (how the server served the image, one line) and ``scaled``
+    (whether the model ran on a scaled-down copy)."""
+    return {
+        "served": description or mode,
+        "scaled": mode == "scaled" or (mode == "resized" and scale < 1.0),
+    }
+
+
 def write_outputs(
     job: Job, mask: np.ndarray, record: dict[str, Any], out_root: Path, image: bytes
 ) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from visionserve.server.backends.registry import GPU_BACKENDS
 from visionserve.server.model_config import check_backends
 from visionserve.server.registry import load_model
 from visionserve.server.repository import ModelRepository
-from visionserve.server.requests import ImageData, RequestLimits, SegmentInput
+from visionserve.server.requests import ImageData, RequestLimits, SegmentInput, SegmentResult
 from visionserve.server.served_model import Job, ServedModel, wait_for
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class OfflineModel:
         """Encoded images -> uint8 masks at each image's size, as a server answers
         Segment; an image that cannot be decoded or inferred gets its exception instead.
         Submitted together, they batch."""
+        return [r if isinstance(r, Exception) else r.mask for r in self.segment_results(images)]
+
+    def segment_results(self, images: list[bytes]) -> list[SegmentResult | Exception]:
+        """``segment``, with each image's whole result (its mask and how it was served)."""
         jobs: list[Job | Exception] = []
         for data in images:
             try:  # raw: the mask is used as an array, its encoding (PNG) is the writer's
@@ -108,17 +112,17 @@ class OfflineModel:
                 futures.append(
                     job
                     if isinstance(job, Exception)
-                    else self.model.submit(job.tensor, inline=inline)
+                    else self.model.submit_job(job, inline=inline)
                 )
             except Exception as exc:  # noqa: BLE001 - e.g. the queue is full
                 futures.append(exc)
-        results: list[np.ndarray | Exception] = []
+        results: list[SegmentResult | Exception] = []
         for job, future in zip(jobs, futures, strict=True):
             if isinstance(future, Exception):
                 results.append(future)
                 continue
             try:
-                results.append(self.model.finish(job, wait_for(future, None)).mask)
+                results.append(self.model.finish(job, wait_for(future, None)))
             except Exception as exc:  # noqa: BLE001
                 results.append(exc)
         return results
