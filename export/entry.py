@@ -23,10 +23,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from visionserve.export.audit import AuditReport
 from visionserve.export.datasets import sample
+from visionserve.export.receptive_field import receptive_field
 from visionserve.export.repository import write_repository_entry
 from visionserve.export.validate import (
     ExportValidationError,
@@ -80,6 +82,20 @@ def choose_input_mode(model_bytes: bytes, config: ModelConfig) -> tuple[ModelCon
     return config, measured
 
 
+def record_receptive_field(model_bytes: bytes, config: ModelConfig) -> tuple[ModelConfig, dict[str, Any]]:
+    """``config`` with ``input.receptive_field`` computed from the graph, and the record for
+    ``validation.json``. A graph whose geometry cannot be read is served with the default
+    tile margin; the record says why (tiling stays exact only with a margin >= the radius)."""
+    try:
+        field = receptive_field(onnx.load_from_string(model_bytes))
+    except Exception as exc:  # UnsupportedGraph, or a graph shape inference cannot read
+        logger.warning("%s: receptive field not computed (%s); tiles overlap by the default "
+                       "margin (a quarter of the tile)", config.name, exc)
+        return config, {"computed": False, "why": str(exc)}
+    config = dataclasses.replace(config, input=dataclasses.replace(config.input, receptive_field=field))
+    return config, {"computed": True, **dataclasses.asdict(field)}
+
+
 def finish_entry(model_bytes: bytes, config: ModelConfig, audit: AuditReport, reference: Reference,
                  inputs: dict[str, np.ndarray], *, repository: Path, version: int | None,
                  tolerances: Tolerances, details: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +110,7 @@ def finish_entry(model_bytes: bytes, config: ModelConfig, audit: AuditReport, re
     if not report["passed"]:
         raise ExportValidationError(report)
     config, report["serving"] = choose_input_mode(model_bytes, config)
+    config, report["receptive_field"] = record_receptive_field(model_bytes, config)
     report["serving"]["max_batch_size"] = config.max_batch_size
     files = {"model.onnx": model_bytes, "validation.json": (json.dumps(report, indent=2) + "\n").encode()}
     version_dir = write_repository_entry(Path(repository), config, files, version=version)

@@ -32,6 +32,7 @@ def test_generate_train_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
                  "--repository", str(tmp_path / "repo"), "--name", "shapes-seg"]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and "mask" in out
+    assert "receptive field 103 px (radius 51, output stride 8)" in out
     assert ModelConfig.load(tmp_path / "repo/shapes-seg/model.yaml").task == "segmentation"
     assert json.loads((tmp_path / "repo/shapes-seg/1/validation.json").read_text())["passed"]
 

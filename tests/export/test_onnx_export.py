@@ -21,7 +21,7 @@ from visionserve.export.validate import (
     expose_argmax_input,
     format_report,
 )
-from visionserve.server.model_config import ModelConfig
+from visionserve.server.model_config import ModelConfig, ReceptiveField
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -88,6 +88,11 @@ def test_segmenter_export_matches_torch(tmp_path: Path, segmenter_checkpoint: Pa
     assert config.task == "segmentation" and config.outputs == {"mask": "mask"}
     assert config.profile.height == (32, 64, 512) and config.profile.width == (32, 64, 512)
     assert config.num_classes == 4
+    # the receptive field, computed from the exported graph, travels with the model (tiling)
+    expected = ReceptiveField(size=103, radius=51, stride=8)  # UNet depth 3, by hand
+    assert config.input.receptive_field == expected
+    recorded = json.loads((tmp_path / "repo/shapes-seg/1/validation.json").read_text())
+    assert recorded["receptive_field"] == {"computed": True, "size": 103, "radius": 51, "stride": 8}
 
 
 def test_versions_increment_and_explicit_version(tmp_path: Path, segmenter_checkpoint: Path) -> None:

@@ -16,6 +16,12 @@ def serving_line(report: dict[str, Any]) -> str:
         text += f" ({serving['why']})"
     if serving.get("max_batch_size") == 1:
         text += "; max_batch_size 1"
+    field = report.get("receptive_field") or {}
+    if field.get("computed"):
+        text += (f"; receptive field {field['size']} px (radius {field['radius']}, "
+                 f"output stride {field['stride']})")
+    elif field:
+        text += f"; receptive field not computed ({field['why']})"
     return text
 
 
