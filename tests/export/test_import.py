@@ -21,7 +21,7 @@ from visionserve.export.onnx_import import ImportSpec, import_onnx
 from visionserve.server.model_config import InputSpec, ModelConfig
 from visionserve.server.preprocess import preprocess
 
-from tests.export.test_segnet import UserSegNet
+from test_segnet import UserSegNet
 
 LABELS = ("cat", "dog", "bird")
 
