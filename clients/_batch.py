@@ -304,8 +304,10 @@ class BatchRunner:
                 )
             return None
         except (grpc.RpcError, VisionServeError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not (state.expired or state.stalled):
-                raise
+            if isinstance(exc, asyncio.CancelledError) and (
+                _task_cancelled() or not (state.expired or state.stalled)
+            ):
+                raise  # the run itself is being stopped (Ctrl-C): never swallowed
             return self._broken(state, exc)
         finally:
             self._states.discard(state)
@@ -482,3 +484,9 @@ def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -
             f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
             f"union {union.tolist()})"
         )
+
+
+def _task_cancelled() -> bool:
+    """True when the current task itself was cancelled (not only the stream call under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

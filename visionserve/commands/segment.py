@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from visionserve.clients import AsyncVisionClient, VisionServeError
 from visionserve.clients._batch import BatchRunner, BatchSettings, BatchStopped
@@ -144,13 +148,46 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.repository is not None:
             return run_offline(args, root, images)
-        return asyncio.run(_run(args, root, images))
+        return _interruptible(_run(args, root, images))
     except KeyboardInterrupt:
         print(
             "interrupted: finished images are recorded; rerun the same command to continue",
             file=sys.stderr,
         )
         return 130
+
+
+def _interruptible(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; Ctrl-C (SIGINT) cancels it through the event loop's own handler and
+    raises KeyboardInterrupt once it has stopped, even where a library swallowed the
+    cancellation on its way out."""
+    interrupted = False
+
+    async def main() -> int:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            if task is not None:
+                task.cancel()
+
+        if threading.current_thread() is not threading.main_thread():
+            return await work  # called from a thread (embedded): signals are not ours
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await work
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        code = asyncio.run(main())
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    if interrupted:
+        raise KeyboardInterrupt
+    return code
 
 
 async def _run(args: argparse.Namespace, root: Path, images: list[Path]) -> int:
