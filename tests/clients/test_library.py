@@ -120,8 +120,10 @@ def test_other_errors_and_deadlines_are_not_retried(server_address: str) -> None
             client.segment(b"not an image", model=make_models.SEGMENTER)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(VisionServeError) as info:
+            # a deadline no server can meet: 1 ms for 3 MiB of raw pixels (a 64x64 image in
+            # 1 us let a fast local server answer before gRPC's millisecond timer fired)
             client.segment(
-                np.zeros((64, 64, 3), np.uint8), model=make_models.SEGMENTER, timeout=1e-6
+                np.zeros((1024, 1024, 3), np.uint8), model=make_models.SEGMENTER, timeout=1e-3
             )
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - t0 < 2.0
