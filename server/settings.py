@@ -1,123 +1,179 @@
 """Server settings: one frozen object, checked at construction.
 
-Environment variables (``VISIONSERVE_*``) are read in exactly one place,
-:func:`load_settings`; explicit values (the CLI's options) win over them.
+Each setting is declared once, as a field of :class:`ServerSettings` made with
+:func:`~visionserve.server.settings_spec.setting`: its environment variable
+(``VISIONSERVE_<NAME>``), its ``visionserve serve`` option and README's table derive from
+that field. Environment variables are read in exactly one place, :func:`load_settings`;
+explicit values (the CLI's options) win over them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionserve.server.admission import AdmissionPolicy
 from visionserve.server.model_config import check_backends
+from visionserve.server.settings_spec import Declared, declarations, parse_text, setting
 
 if TYPE_CHECKING:  # requests imports cv2; settings must not (see decoder_guard)
     from visionserve.server.requests import RequestLimits
 
 MIB = 1024 * 1024
 
-# setting name -> environment variable
-ENV_VARS = {
-    "repository": "VISIONSERVE_REPOSITORY",
-    "host": "VISIONSERVE_HOST",
-    "port": "VISIONSERVE_PORT",
-    "workers": "VISIONSERVE_WORKERS",
-    "max_message_bytes": "VISIONSERVE_MAX_MESSAGE_BYTES",
-    "max_decoded_pixels": "VISIONSERVE_MAX_DECODED_PIXELS",
-    "default_top_k": "VISIONSERVE_DEFAULT_TOP_K",
-    "grace_period_s": "VISIONSERVE_GRACE_PERIOD_S",
-    "intra_op_threads": "VISIONSERVE_INTRA_OP_THREADS",
-    "max_concurrent_rpcs": "VISIONSERVE_MAX_CONCURRENT_RPCS",
-    "max_streams": "VISIONSERVE_MAX_STREAMS",
-    "admission_wait_ms": "VISIONSERVE_ADMISSION_WAIT_MS",
-    "max_admitted": "VISIONSERVE_MAX_ADMITTED",
-    "max_batch_size": "VISIONSERVE_MAX_BATCH_SIZE",
-    "max_queue_delay_ms": "VISIONSERVE_MAX_QUEUE_DELAY_MS",
-    "instances": "VISIONSERVE_INSTANCES",
-    "max_queue_size": "VISIONSERVE_MAX_QUEUE_SIZE",
-    "metrics_port": "VISIONSERVE_METRICS_PORT",
-    "model_control": "VISIONSERVE_MODEL_CONTROL",
-    "poll_interval_s": "VISIONSERVE_POLL_INTERVAL_S",
-    "tls_cert": "VISIONSERVE_TLS_CERT",
-    "tls_key": "VISIONSERVE_TLS_KEY",
-    "tls_client_ca": "VISIONSERVE_TLS_CLIENT_CA",
-    "auth_token": "VISIONSERVE_AUTH_TOKEN",
-    "backends": "VISIONSERVE_BACKENDS",
-}
-# setting name -> what a platform sets when ours is unset: Knative (KServe Serverless)
-# sets PORT to the container port; KServe's storage initializer rewrites the runtime
-# container's STORAGE_URI to /mnt/models, where it put the InferenceService's storageUri.
-PLATFORM_ENV_VARS = {"port": "PORT", "repository": "STORAGE_URI"}
-
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
-# Settings that override every model's model.yaml batching fields when set.
-BATCHING_OVERRIDES = (
-    "max_batch_size",
-    "max_queue_delay_ms",
-    "instances",
-    "max_queue_size",
-    "backends",
-)
+# option groups of `visionserve serve --help`; the BATCHING ones override every model.yaml
+BATCHING = "dynamic batching (overrides every model.yaml)"
+ADMISSION = "admission control"
+OPERATIONS = "operations"
+SECURITY = "security"
+YAML = "each model.yaml's"
+
+
+def _token_from_file(path: str) -> str:
+    """--auth-token-file: the token is the file's text, surrounding whitespace dropped."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"auth token file {path!r} could not be read: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Everything ``visionserve serve`` can be told.
+    """Everything ``visionserve serve`` can be told; each field's ``help`` says what it does.
 
-    ``port`` 0 asks the OS for a free port (the bound port is logged and returned by
-    ``create_server``). ``max_decoded_pixels`` bounds height*width of any decoded image
-    or mask (decompression bombs). ``intra_op_threads`` 0: the usable cores divided by
-    the model's instances. ``workers``: threads decoding and pre/post-processing (0: the
-    usable cores). ``max_concurrent_rpcs`` 0 means unbounded; past it gRPC answers
-    RESOURCE_EXHAUSTED. ``max_streams``: open streaming calls; past it RESOURCE_EXHAUSTED.
     Admission control (``admission.py``): a model takes at most ``max_admitted`` requests
-    (queued + running), or when 0, its measured capacity times ``admission_wait_ms``;
-    ``admission_wait_ms`` 0 and ``max_admitted`` 0 turn it off.
-
-    ``max_batch_size``, ``max_queue_delay_ms``, ``instances``, ``max_queue_size``: when
-    set, they override every model's model.yaml. ``metrics_port``: None = no metrics
-    endpoint, 0 = a free port. ``model_control``: "none" (load everything at start),
-    "poll" (rescan the repository every ``poll_interval_s``; new versions are loaded,
-    warmed, then swapped in), "explicit" (load/unload through the KServe repository
-    RPCs; ``load_models`` at start, every model when empty). TLS: ``tls_cert`` +
-    ``tls_key`` (PEM); ``tls_client_ca`` additionally requires client certificates
-    signed by that CA (mutual TLS). ``auth_token``: require ``authorization: Bearer
-    <token>`` on every RPC but health checks. ``backends``: when set, every model's
-    backends in order of preference (e.g. ``("tensorrt", "onnxruntime-cuda")`` on a GPU
-    node), instead of its model.yaml list.
+    (queued + running), or when 0, its measured capacity times ``admission_wait_ms``; both
+    0 turn it off. ``model_control`` "poll": new versions are loaded, warmed, then swapped
+    in; "explicit": ``load_models`` at start, every model when empty.
     """
 
-    repository: Path
-    host: str = "127.0.0.1"
-    port: int = 8001
-    workers: int = 0
-    max_message_bytes: int = 64 * MIB
-    max_decoded_pixels: int = 40_000_000
-    default_top_k: int = 5
-    grace_period_s: float = 10.0
-    intra_op_threads: int = 0
-    max_concurrent_rpcs: int = 0
-    max_streams: int = 2048
-    admission_wait_ms: float = 1000.0
-    max_admitted: int = 0
-    warmup: bool = True
-    max_batch_size: int | None = None
-    max_queue_delay_ms: float | None = None
-    instances: int | None = None
-    max_queue_size: int | None = None
-    metrics_port: int | None = None
-    model_control: str = "none"
-    poll_interval_s: float = 5.0
-    load_models: tuple[str, ...] = ()
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token: str | None = field(default=None, repr=False)
-    backends: tuple[str, ...] | None = None
+    repository: Path = setting(
+        help="model repository directory: REPO/MODEL/model.yaml",
+        metavar="DIR",
+        platform="STORAGE_URI",
+    )
+    host: str = setting("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces")
+    port: int = setting(
+        8001, help="port; 0 = pick a free one, printed on stdout", platform="PORT"
+    )
+    workers: int = setting(
+        0, help="threads decoding and pre/post-processing requests; 0 = the usable cores"
+    )
+    max_message_bytes: int = setting(
+        64 * MIB,
+        flag="--max-message-mb",
+        help="largest request/response message, in MiB",
+        scale=MIB,
+        env_note="in bytes",
+    )
+    max_decoded_pixels: int = setting(
+        40_000_000,
+        flag="--max-pixels",
+        help="largest decoded image or mask, height*width: decompression bombs never decode",
+    )
+    default_top_k: int = setting(5, help="classes answered when a request asks for none")
+    grace_period_s: float = setting(
+        10.0, flag="--grace", help="seconds to drain in-flight requests on shutdown"
+    )
+    intra_op_threads: int = setting(
+        0,
+        help="ONNX Runtime threads per model instance; "
+        "0 = the usable cores divided by the model's instances",
+    )
+    max_concurrent_rpcs: int = setting(
+        0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
+    )
+    max_streams: int = setting(
+        2048,
+        group=OPERATIONS,
+        help="open streaming calls (SegmentStream, SegmentBatches); "
+        "past it RESOURCE_EXHAUSTED",
+    )
+    admission_wait_ms: float = setting(
+        1000.0,
+        group=ADMISSION,
+        help="a model takes what its measured capacity serves within this wait; "
+        "past it RESOURCE_EXHAUSTED at once; 0 = off",
+    )
+    max_admitted: int = setting(
+        0,
+        group=ADMISSION,
+        help="a fixed limit of requests queued + running per model; "
+        "0 = derived from capacity and --admission-wait-ms",
+    )
+    warmup: bool = setting(True, env_note="0 skips it", help="skip the warm-up inference at load")
+    max_batch_size: int | None = setting(
+        None, group=BATCHING, unset=YAML, help="largest batch sent to a backend"
+    )
+    max_queue_delay_ms: float | None = setting(
+        None, group=BATCHING, unset=YAML, help="longest wait for a batch to fill, ms"
+    )
+    instances: int | None = setting(
+        None, group=BATCHING, unset=YAML, help="batches run in parallel per model"
+    )
+    max_queue_size: int | None = setting(
+        None,
+        group=BATCHING,
+        unset=YAML,
+        help="waiting requests per model; past it RESOURCE_EXHAUSTED",
+    )
+    metrics_port: int | None = setting(
+        None, group=OPERATIONS, unset="off", help="Prometheus /metrics HTTP port; 0 = a free one"
+    )
+    model_control: str = setting(
+        "none",
+        group=OPERATIONS,
+        choices=MODEL_CONTROL_MODES,
+        help="none: load every model at start; poll: rescan the repository and swap in new "
+        "versions; explicit: load/unload through KServe RepositoryModelLoad/Unload",
+    )
+    poll_interval_s: float = setting(
+        5.0, flag="--poll-interval", group=OPERATIONS, help="seconds between polls"
+    )
+    load_models: tuple[str, ...] = setting(
+        (),
+        flag="--load-model",
+        env=False,  # a list of names: the option, given once per model
+        repeat=True,
+        metavar="NAME",
+        group=OPERATIONS,
+        unset="every model",
+        help="explicit mode: load this model at start (repeatable)",
+    )
+    tls_cert: Path | None = setting(
+        None, group=SECURITY, unset="no TLS", help="server certificate chain, PEM; enables TLS"
+    )
+    tls_key: Path | None = setting(
+        None, group=SECURITY, unset="no TLS", help="server private key, PEM"
+    )
+    tls_client_ca: Path | None = setting(
+        None,
+        group=SECURITY,
+        unset="no client certificates",
+        help="CA bundle, PEM, for mutual TLS: require client certificates it signed",
+    )
+    auth_token: str | None = setting(
+        None,
+        repr=False,
+        flag="--auth-token-file",
+        from_flag=_token_from_file,
+        env_note="the token itself",
+        group=SECURITY,
+        unset="no token asked",
+        help="file holding the bearer token clients must send as authorization: Bearer TOKEN; "
+        "health checks stay open",
+    )
+    backends: tuple[str, ...] | None = setting(
+        None,
+        group=BATCHING,
+        unset="each model.yaml's list",
+        help="backends to try in order for every model, comma-separated, "
+        "e.g. tensorrt,onnxruntime-cuda",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repository", Path(self.repository))
@@ -226,24 +282,23 @@ class ServerSettings:
         return f"{host}:{self.port}"
 
 
-def _convert(name: str, raw: str, var: str) -> Any:
-    """Parse the value ``raw`` of the environment variable ``var`` to the type of ``name``."""
-    kind = {f.name: f.type for f in fields(ServerSettings)}[name]
-    kind = kind.removesuffix(" | None") if isinstance(kind, str) else kind
+SETTINGS: tuple[Declared, ...] = tuple(declarations(ServerSettings))
+_BY_NAME = {d.name: d for d in SETTINGS}
+# Settings that override every model's model.yaml batching fields when set.
+BATCHING_OVERRIDES = tuple(d.name for d in SETTINGS if d.spec.group == BATCHING)
+# setting name -> environment variable (VISIONSERVE_<NAME>)
+ENV_VARS = {d.name: d.env for d in SETTINGS if d.env}
+# setting name -> what a platform sets when ours is unset: Knative (KServe Serverless)
+# sets PORT to the container port; KServe's storage initializer rewrites the runtime
+# container's STORAGE_URI to /mnt/models, where it put the InferenceService's storageUri.
+PLATFORM_ENV_VARS = {d.name: d.spec.platform for d in SETTINGS if d.spec.platform}
+
+
+def _from_environment(name: str, var: str, raw: str) -> Any:
     try:
-        if kind in ("int", int):
-            return int(raw)
-        if kind in ("float", float):
-            return float(raw)
-        if kind == "Path":
-            return Path(raw)
-        if kind in ("bool", bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if kind == "tuple[str, ...]":
-            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        return parse_text(_BY_NAME[name].kind, raw)
     except ValueError as exc:
-        raise ValueError(f"{var}={raw!r}: expected a {kind}") from exc
-    return raw
+        raise ValueError(f"{var}: {exc}") from None
 
 
 def load_settings(
@@ -260,10 +315,10 @@ def load_settings(
     for name, var in PLATFORM_ENV_VARS.items():
         raw = environ.get(var, "")
         if raw and "://" not in raw:  # STORAGE_URI before the storage initializer: no
-            values[name] = _convert(name, raw, var)
+            values[name] = _from_environment(name, var, raw)
     for name, var in ENV_VARS.items():
         if environ.get(var, "") != "":
-            values[name] = _convert(name, environ[var], var)
+            values[name] = _from_environment(name, var, environ[var])
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "repository" not in values:
         remote = environ.get(PLATFORM_ENV_VARS["repository"], "")

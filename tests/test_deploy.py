@@ -77,9 +77,9 @@ def test_server_waits_for_export_and_reads_its_volume(compose: dict, name: str) 
 def server_settings(service: dict, tmp_path) -> object:
     """The compose service's command and environment, as the server would read them."""
     argv = service["command"]
-    from visionserve.commands.serve import _overrides
+    from visionserve.commands._settings_cli import overrides as from_options
 
-    overrides = _overrides(build_parser(argv).parse_args(argv))
+    overrides = from_options(build_parser(argv).parse_args(argv))
     overrides["repository"] = tmp_path
     return load_settings(overrides, environ=service.get("environment", {}))
 

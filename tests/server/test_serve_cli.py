@@ -1,4 +1,5 @@
-"""``visionserve serve`` as a real process: port 0, SERVING, SIGTERM -> exit 0."""
+"""``visionserve serve`` as a real process: port 0, SERVING, SIGTERM -> exit 0; its
+``--help`` and README's settings table, checked against the declared settings."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import cv2
 import grpc
 import make_models
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from visionserve.commands._settings_cli import settings_table
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
+from visionserve.server.settings import SETTINGS, ServerSettings
+from visionserve.server.settings_spec import Declared
 
 SERVE = [sys.executable, "-m", "visionserve.cli", "serve"]
+README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE_START = "<!-- settings table: generated from server/settings.py"
+TABLE_END = "<!-- end of the settings table -->"
 
 
 def _read_port(process: subprocess.Popen) -> int:
@@ -79,3 +88,77 @@ def test_the_serving_path_never_imports_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def option_helps() -> dict[str, str]:
+    """``visionserve serve --help``: each option's help text (joined), by flag."""
+    env = {**os.environ, "COLUMNS": "1000"}  # one line per help text
+    text = subprocess.run(
+        [*SERVE, "--help"], capture_output=True, text=True, env=env, timeout=60, check=True
+    ).stdout
+    helps: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        option = re.match(r"^  (--[a-z-]+)(?: \S+)?(?:\s{2,}(.*))?$", line)
+        if option:
+            flag = option.group(1)
+            helps[flag] = option.group(2) or ""
+        elif flag and line.startswith(" " * 8) and line.strip():
+            helps[flag] = f"{helps[flag]} {line.strip()}".strip()
+        else:
+            flag = None
+    return helps
+
+
+def expected_default(declared: Declared) -> str:
+    """The default as --help must show it, from the dataclass's own default."""
+    default = {f.name: f.default for f in fields(ServerSettings)}[declared.name]
+    if default is MISSING:
+        return "(required;"
+    if default is None or default == ():
+        return f"(default: {declared.spec.unset};"
+    if isinstance(default, bool):
+        return f"(default: {declared.name} {'on' if default else 'off'};"
+    if declared.spec.scale != 1:  # shown in the option's unit (--max-message-mb: MiB)
+        default /= declared.spec.scale
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"(default: {default};"
+
+
+@pytest.mark.parametrize("declared", [pytest.param(d, id=d.flag) for d in SETTINGS])
+def test_help_shows_each_default_and_variable(option_helps, declared: Declared) -> None:
+    text = option_helps[declared.flag]
+    assert expected_default(declared) in text, text
+    assert declared.spec.help in text
+    assert (f"env {declared.env}" if declared.env else "no environment variable") in text
+
+
+def test_help_shows_the_defaults_of_old(option_helps) -> None:
+    """Spot checks written out by hand, in the option's units."""
+    assert "(default: 64;" in option_helps["--max-message-mb"]
+    assert "(default: 10;" in option_helps["--grace"]
+    assert "(default: 8001; env VISIONSERVE_PORT; then PORT)" in option_helps["--port"]
+    assert "(default: 40000000;" in option_helps["--max-pixels"]
+    assert "--log-format" in option_helps
+
+
+def test_readme_table_lists_every_setting() -> None:
+    """README's table is generated: VISIONSERVE_ACCEPT=1 rewrites it (then review the diff)."""
+    readme = README.read_text(encoding="utf-8")
+    assert TABLE_START in readme and TABLE_END in readme, "README's '## Serving' holds the table"
+    head, rest = readme.split(TABLE_START, 1)
+    comment, rest = rest.split("-->\n", 1)
+    table, tail = rest.split(TABLE_END, 1)
+    expected = f"\n{settings_table()}\n"  # blank lines around: Markdown sees a table
+    if os.environ.get("VISIONSERVE_ACCEPT") == "1" and table != expected:
+        README.write_text(f"{head}{TABLE_START}{comment}-->\n{expected}{TABLE_END}{tail}")
+        table = expected
+    for declared in SETTINGS:
+        assert f"| `{declared.flag}` |" in table, declared.flag
+        assert not declared.env or f"`{declared.env}`" in table, declared.env
+    assert table == expected, (
+        "README's settings table is stale: VISIONSERVE_ACCEPT=1 .venv/bin/pytest "
+        "tests/server/test_serve_cli.py -k readme rewrites it"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from visionserve.server.settings_spec import comma_list  # one home: settings split lists so too
+
 
 def positive_int(value: str) -> int:
     number = int(value)
@@ -25,11 +27,6 @@ def existing_dir(value: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} is not a folder")
     return path
-
-
-def comma_list(value: str) -> tuple[str, ...]:
-    """``a,b, c`` -> ``("a", "b", "c")``."""
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def labels(value: str) -> list[str]:
