@@ -229,7 +229,7 @@ def _train_epoch(model: nn.Module, train: Arrays, config: TrainConfig, loss_fn: 
     for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
         idx = order[start:start + config.batch_size]
         x, y_mask = augment(images[idx], masks[idx], gen)
-        logits = model(normalise(x, mean, std))
+        logits = model(normalise(x, mean, std).contiguous(memory_format=torch.channels_last))
         target = labels[idx] if config.task == "classification" else y_mask.long()
         loss = loss_fn(logits, target)
         if aux is not None:
@@ -255,6 +255,9 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
     train_data, val_data = _load_pair(config, Path(train_dir), Path(val_dir))
     labels = train_data.classes["segmentation" if config.task == "segmentation" else "classification"]
     model = build_model(config.architecture, num_classes=len(labels), **config.resolved_arch_kwargs)
+    # NHWC: oneDNN's convolutions run 20-30 % faster on CPUs (measured, README "Measured");
+    # the checkpoint is written back in the default layout.
+    model = model.to(memory_format=torch.channels_last)
     aux = None
     if config.task == "classification" and config.aux_mask_weight > 0:
         sample = normalise(torch.from_numpy(train_data.images[:2]), IMAGENET_MEAN, IMAGENET_STD)
@@ -282,6 +285,7 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
             raise RuntimeError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
     if aux is not None:
         aux.remove()
+    model = model.to(memory_format=torch.contiguous_format)
     metadata = _metadata(config, labels, train_data, len(val_data.images), history,
                          time.perf_counter() - started)
     out_dir = Path(out_dir)
