@@ -10,8 +10,14 @@ truth is read and decoded once, when the image is read; the client's confusion m
 is what the report is built from, so the ground truth goes to the server only with
 ``server_iou`` (the server then decodes and scores it too, and the counts are
 cross-checked). A stream that fails with UNAVAILABLE (server restarting, draining,
-killed) puts its unanswered requests back in the queue and reopens with backoff; when
-no answer has come for ``give_up_after`` seconds the run stops with
+killed) puts its unanswered requests back in the queue and reopens with backoff; so
+does a stream whose requests are answered UNAVAILABLE in-band (the server drains: it
+sends nothing more and half-closes, so the drain need not wait for it). A
+stream the server refuses with RESOURCE_EXHAUSTED (its ``--max-streams`` limit) puts its
+requests back too and its worker retires while another worker runs; the last one backs
+off and retries. A request answered RESOURCE_EXHAUSTED in-band goes back in the queue
+after a backoff, at most ``MAX_REFUSALS`` times, then fails with the server's reason.
+When no answer has come for ``give_up_after`` seconds the run stops with
 :class:`BatchStopped`. Per-image failures are collected, never raised.
 """
 
@@ -82,28 +88,25 @@ class Prepared:
 # it is simply reopened, its unanswered requests sent again. Per-request deadlines are
 # the client's watchdog (``BatchSettings.timeout``).
 STREAM_DEADLINE_S = 3600.0
-# A thread-per-stream server runs only as many streams at once as it has threads; a
-# stream that has had no answer while the server is seen serving others is waiting for a
-# thread: it is cancelled, its requests go to the others, and it retires. "Seen serving
-# others", over a patience of STALL_S or twice the slowest answer seen so far, whichever
-# is longer: a request sent that long after this stream's oldest was answered first (the
-# server's queue is first come, first served), or no answer came for that long while the
-# streams that were answered had nothing in flight (the rest may be waiting too).
-# Waiting alone is no sign: with a slow model, 64 requests in flight ahead of a stream's
-# first take a while; and a served stream is idle for a moment between its answer and
-# its next message.
-STALL_S = 2.0
-WATCH_S = 0.25  # how often a stream's watchdog looks
-
+WATCH_S = 0.25  # how often a stream's watchdog looks for a request past its deadline
 
 # Stream-level failures after which the stream is reopened and its unanswered requests
 # sent again: UNAVAILABLE (server restarting, draining, unreachable) and a client-side
 # deadline; also the codes a connection lost mid-message surfaces as (INTERNAL "Internal
 # error from Core", UNKNOWN "Stream removed", CANCELLED), but those at most
 # MAX_ODD_FAILURES times in a row without an answer, so a real server bug stops the run.
+# RESOURCE_EXHAUSTED (too many streams open on the server) retires the stream's worker
+# while another runs; the last one reopens with backoff.
 SERVER_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 CONNECTION_LOST = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+SERVER_FULL = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_ODD_FAILURES = 3
+BACKOFF_S = (0.1, 2.0)  # first and longest wait before a stream is reopened
+# A request answered RESOURCE_EXHAUSTED in-band (a full queue, or an image over a server
+# limit: the code does not say which) is sent again after REFUSED_BACKOFF_S, doubling, at
+# most MAX_REFUSALS times; then it fails with the server's message.
+MAX_REFUSALS = 3
+REFUSED_BACKOFF_S = 0.25
 # Files read per worker-thread hop: each hop costs two event-loop wake-ups.
 PREPARE_CHUNK = 8
 
@@ -119,15 +122,14 @@ class _Done:
 DONE = _Done()
 
 
-@dataclass(eq=False)  # hashed by identity: the runner keeps a set of the open ones
+@dataclass
 class _StreamState:
     window: asyncio.Semaphore
     batched: bool  # SegmentBatches (several requests per message), else SegmentStream
     outstanding: dict[str, tuple[Prepared, float]] = field(default_factory=dict)
-    expired: bool = False
-    stalled: bool = False
+    expired: bool = False  # the watchdog cancelled the call: a request passed its deadline
+    closing: VisionServeError | None = None  # the server drains: send nothing more
     answered: int = 0
-    opened: float = field(default_factory=time.monotonic)
 
 
 class BatchRunner:
@@ -147,12 +149,11 @@ class BatchRunner:
         self.failures: dict[str, str] = {}
         self.done = 0
         self._remaining = 0
-        self._active_streams = settings.streams
+        self._workers = settings.streams  # stream workers still running
         self._batched = settings.per_message > 1  # until the server says UNIMPLEMENTED
         self._last_answer = time.monotonic()
-        self._newest_answered_sent = 0.0  # send time of the newest request answered
-        self._slowest_answer = 0.0  # the longest a request waited for its answer
-        self._states: set[_StreamState] = set()  # the open streams
+        self._last_error: VisionServeError | None = None  # why the latest stream broke
+        self._refusals: dict[str, int] = {}  # key -> RESOURCE_EXHAUSTED answers so far
         self._pending: set[asyncio.Future[Any]] = set()
 
     async def run(self, jobs: list[Job]) -> None:
@@ -190,9 +191,11 @@ class BatchRunner:
         while self._remaining > 0:
             silent = time.monotonic() - self._last_answer
             if silent > limit:
+                last = f"; last error: {self._last_error}" if self._last_error else ""
                 raise BatchStopped(
                     f"no answer from {self.client.config.target} for {silent:.0f}s "
-                    f"(--give-up-after {limit:g}); rerun to continue where this run stopped"
+                    f"(--give-up-after {limit:g}{last}); rerun to continue where this run "
+                    f"stopped"
                 )
             await asyncio.sleep(min(1.0, limit - silent + 0.01))
 
@@ -260,35 +263,35 @@ class BatchRunner:
 
     # -- streams -------------------------------------------------------------
     async def _stream_worker(self, number: int) -> None:
-        delay, odd = 0.1, 0
+        delay, odd = BACKOFF_S[0], 0
         while self._remaining > 0:
             state = _StreamState(asyncio.Semaphore(self.settings.window), self._batched)
             error = await self._one_stream(state)
             if error is None or self._remaining == 0:
                 return
+            self._last_error = error
             if error.code == grpc.StatusCode.UNIMPLEMENTED:
                 continue  # reopened as SegmentStream at once
-            if state.stalled:
-                self._active_streams -= 1
+            if error.code == SERVER_FULL and self._workers > 1:
+                self._workers -= 1  # its requests are back in the queue for the others
                 log.info(
-                    "stream %d was not served while others were (server threads busy?): "
-                    "going on with %d stream(s)",
+                    "stream %d refused: the server limits streams; going on with %d (%s)",
                     number,
-                    self._active_streams,
+                    self._workers,
+                    error.details,
                 )
                 return
             if state.answered:
-                delay, odd = 0.1, 0
+                delay, odd = BACKOFF_S[0], 0
             odd += error.code in CONNECTION_LOST
             if odd >= MAX_ODD_FAILURES:
                 raise BatchStopped(f"the server ended the stream {odd} times in a row: {error}")
             log.info("stream %d: %s; reopening in %.1fs", number, error, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, BACKOFF_S[1])
 
     async def _one_stream(self, state: _StreamState) -> VisionServeError | None:
         """One stream call until DONE (returns None) or it breaks (returns the error)."""
-        self._states.add(state)
         if state.batched:
             call = self.client.open_segment_batches(timeout=STREAM_DEADLINE_S)
         else:
@@ -302,15 +305,14 @@ class BatchRunner:
                 raise VisionServeError(
                     grpc.StatusCode.UNAVAILABLE, "the server closed the stream early"
                 )
-            return None
+            return state.closing  # None: every job is done
         except (grpc.RpcError, VisionServeError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and (
-                _task_cancelled() or not (state.expired or state.stalled)
+                _task_cancelled() or not state.expired
             ):
                 raise  # the run itself is being stopped (Ctrl-C): never swallowed
             return self._broken(state, exc)
         finally:
-            self._states.discard(state)
             sender.cancel()
             watchdog.cancel()
             await asyncio.gather(sender, watchdog, return_exceptions=True)
@@ -325,8 +327,6 @@ class BatchRunner:
             return error
         for prepared, _ in state.outstanding.values():  # not lost: sent again
             self._queue.put_nowait(prepared)
-        if state.stalled:
-            return VisionServeError(grpc.StatusCode.CANCELLED, "stream not served")
         error = translate(exc)
         if error.code == grpc.StatusCode.UNIMPLEMENTED and state.batched:
             if self._batched:  # every stream finds out; say it once
@@ -336,7 +336,7 @@ class BatchRunner:
                 )
                 self._batched = False
             return error
-        if error.code not in SERVER_GONE | CONNECTION_LOST:
+        if error.code not in SERVER_GONE | CONNECTION_LOST | {SERVER_FULL}:
             raise BatchStopped(f"the server ended the stream: {error}") from exc
         return error
 
@@ -362,8 +362,13 @@ class BatchRunner:
         waiting (up to ``per_message``, within the window); [] when every job is done."""
         limit = self.settings.per_message if state.batched else 1
         await state.window.acquire()
+        if state.closing:
+            return []
         item = await self._queue.get()
         if isinstance(item, _Done):
+            return []
+        if state.closing:  # while we waited: for another stream
+            self._queue.put_nowait(item)
             return []
         items = [item]
         while len(items) < limit and not self._queue.empty() and not state.window.locked():
@@ -376,38 +381,17 @@ class BatchRunner:
         return items
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
-        """Cancel the call when its oldest request passes the deadline, or it is not served."""
+        """Cancel the call when its oldest request passes the per-request deadline."""
         timeout = self.settings.timeout
         while True:
             await asyncio.sleep(min(WATCH_S, timeout / 4))
             if not state.outstanding:
                 continue
             oldest = min(t for _, t in state.outstanding.values())
-            age = time.monotonic() - oldest
-            if state.answered == 0 and self._serving_others(state, oldest):
-                state.stalled = True
-            elif age > timeout:
+            if time.monotonic() - oldest > timeout:
                 state.expired = True
-            else:
-                continue
-            call.cancel()
-            return
-
-    def _serving_others(self, state: _StreamState, oldest: float) -> bool:
-        """Whether the server was seen serving other streams while ``state`` waited."""
-        if self._active_streams <= 1:
-            return False
-        patience = max(STALL_S, 2 * self._slowest_answer)
-        if time.monotonic() - oldest <= patience:
-            return False
-        overtaken = self._newest_answered_sent > oldest + patience
-        served = [other for other in self._states if other is not state and other.answered]
-        others_idle = (
-            self._last_answer > state.opened
-            and time.monotonic() - self._last_answer > patience
-            and not any(other.outstanding for other in served)
-        )
-        return overtaken or others_idle
+                call.cancel()
+                return
 
     def _answer(self, state: _StreamState, responses: Sequence[pb.SegmentResponse]) -> None:
         """One answer message: failures resolved here, successes finished in one hop."""
@@ -417,26 +401,47 @@ class BatchRunner:
             if entry is None:
                 log.warning("answer for an unknown request_id %r ignored", response.request_id)
                 continue
-            prepared, sent = entry
-            now = time.monotonic()
-            self._newest_answered_sent = max(self._newest_answered_sent, sent)
-            self._slowest_answer = max(self._slowest_answer, now - sent)
+            prepared = entry[0]
             state.window.release()
             state.answered += 1
-            self._last_answer = now
-            if response.error_code == grpc.StatusCode.UNAVAILABLE.value[0]:
-                asyncio.get_running_loop().call_later(0.2, self._queue.put_nowait, prepared)
-            elif response.error_code:
-                error = VisionServeError.from_status(response.error_code, response.error_message)
-                self._resolve(prepared.job.key, str(error))
-            else:
+            if not response.error_code:
+                self._last_answer = time.monotonic()
                 done.append((prepared, response))
+                continue
+            error = VisionServeError.from_status(response.error_code, response.error_message)
+            failed = self._retry_in_band(state, prepared, error)
+            if failed is not None:  # a request sent again is no progress (--give-up-after)
+                self._last_answer = time.monotonic()
+                self._resolve(prepared.job.key, str(failed))
         if not done:
             return
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_all, done)
         self._pending.add(future)
         keys = [prepared.job.key for prepared, _ in done]
         future.add_done_callback(lambda f: self._finished(keys, f))
+
+    def _retry_in_band(
+        self, state: _StreamState, prepared: Prepared, error: VisionServeError
+    ) -> VisionServeError | None:
+        """An in-band error: None when the request is sent again, else why it failed.
+
+        UNAVAILABLE (the server drains): sent again shortly, and this stream sends nothing
+        more, half-closes (so the drain need not wait for it) and is reopened with backoff.
+        RESOURCE_EXHAUSTED: sent again after a backoff, at most MAX_REFUSALS times."""
+        key, later = prepared.job.key, asyncio.get_running_loop().call_later
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            state.closing = state.closing or error
+            later(0.2, self._queue.put_nowait, prepared)
+            return None
+        if error.code != SERVER_FULL:
+            return error
+        refusals = self._refusals.get(key, 0)
+        if refusals == MAX_REFUSALS:
+            details = f"{error.details} (answered {error.code.name} {refusals + 1} times)"
+            return VisionServeError(error.code, details)
+        self._refusals[key] = refusals + 1
+        later(REFUSED_BACKOFF_S * 2**refusals, self._queue.put_nowait, prepared)
+        return None
 
     def _finished(self, keys: list[str], future: asyncio.Future[list[str | None]]) -> None:
         self._pending.discard(future)

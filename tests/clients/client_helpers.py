@@ -6,16 +6,43 @@ is ambiguous.)
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import make_models
 import numpy as np
+
+
+JOURNAL = ".visionserve-journal.jsonl"
+
+
+def segment_args(images: Path, gts: Path, out: Path, server: str, *extra: str) -> list[str]:
+    return [
+        "segment",
+        str(images),
+        "--server",
+        server,
+        "--model",
+        make_models.SEGMENTER,
+        "--gt",
+        str(gts),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def journal_keys(out: Path) -> list[str]:
+    lines = (out / JOURNAL).read_text().splitlines()
+    return [json.loads(line)["key"] for line in lines[1:]]
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -50,6 +77,14 @@ def make_dataset(root: Path, count: int, seed: int = 11, noise: bool = True) -> 
     return images, gts
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fails the test past ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {timeout:g}s"
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,8 +94,9 @@ def free_port() -> int:
 class ServerProcess:
     """``visionserve serve`` in a subprocess on a fixed port, so it can be killed and restarted."""
 
-    def __init__(self, repository: Path, port: int, log_path: Path) -> None:
+    def __init__(self, repository: Path, port: int, log_path: Path, grace: float = 1.0) -> None:
         self.repository, self.port, self.log_path = repository, port, log_path
+        self.grace = grace
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,7 +123,7 @@ class ServerProcess:
                 "--intra-op-threads",
                 "1",
                 "--grace",
-                "1",
+                str(self.grace),
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -101,6 +137,17 @@ class ServerProcess:
             raise RuntimeError(
                 f"server did not start: {line!r}; log: {self.log_path.read_text()[-2000:]}"
             )
+
+    def terminate(self, timeout: float) -> tuple[int, float]:
+        """SIGTERM (a drain, up to --grace): (exit code, seconds until it exited)."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.terminate()
+        code = self.process.wait(timeout)
+        seconds = time.monotonic() - started
+        self.process.stdout.close()
+        self.process = None
+        return code, seconds
 
     def kill(self) -> None:
         """SIGKILL: no drain, in-flight requests are lost (the client must cope)."""

@@ -14,9 +14,9 @@ def server_process(model_repository: Path, tmp_path: Path) -> Iterator[Callable[
     """Factory for started ``ServerProcess`` objects, killed after the test."""
     started: list[ServerProcess] = []
 
-    def start() -> ServerProcess:
+    def start(grace: float = 1.0) -> ServerProcess:
         server = ServerProcess(
-            model_repository, free_port(), tmp_path / f"server{len(started)}.log"
+            model_repository, free_port(), tmp_path / f"server{len(started)}.log", grace
         )
         server.start()
         started.append(server)

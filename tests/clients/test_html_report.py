@@ -9,10 +9,9 @@ import subprocess
 from pathlib import Path
 
 import cv2
-import make_models
 import numpy as np
 import pytest
-from client_helpers import make_dataset
+from client_helpers import make_dataset, segment_args
 
 from visionserve.cli import main
 
@@ -25,24 +24,7 @@ def report_html(server_address: str, tmp_path_factory: pytest.TempPathFactory) -
     images, gts = make_dataset(root, 24)
     (images / "broken.png").write_bytes(b"not a png")
     out = root / "out"
-    assert (
-        main(
-            [
-                "segment",
-                str(images),
-                "--server",
-                server_address,
-                "--model",
-                make_models.SEGMENTER,
-                "--gt",
-                str(gts),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 1
-    )
+    assert main(segment_args(images, gts, out, server_address)) == 1
     return out / "report.html"
 
 
