@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from visionserve.protos import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.app import model_health_name
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 CLS, SEG = make_models.CLASSIFIER, make_models.SEGMENTER
 _, _png = cv2.imencode(".png", np.full((8, 8, 3), (0, 200, 0), np.uint8))
@@ -179,8 +182,9 @@ def _read_port(process: subprocess.Popen) -> int:
     raise AssertionError(f"server exited (rc={process.wait()}) without announcing its port")
 
 
-def test_sigterm_under_load_loses_no_accepted_request(model_repository: Path, tmp_path) -> None:
-    # batches wait up to 150 ms to fill, so requests are always in flight at SIGTERM
+def _serve(model_repository: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """``visionserve serve`` in a subprocess, JSON logs at DEBUG (a line per call):
+    (process, port)."""
     command = [
         sys.executable,
         "-m",
@@ -192,24 +196,36 @@ def test_sigterm_under_load_loses_no_accepted_request(model_repository: Path, tm
         str(model_repository),
         "--port",
         "0",
-        "--grace",
-        "20",
-        "--workers",
-        "32",
         "--intra-op-threads",
         "1",
-        "--max-queue-delay-ms",
-        "150",
-        "--max-batch-size",
-        "64",
         "--log-format",
         "json",
+        *extra,
     ]
-    log_path = tmp_path / "server.log"
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
-        port = _read_port(process)
+        return process, _read_port(process)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+def _log_entries(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in log_path.read_text().splitlines()]
+
+
+def test_sigterm_under_load_loses_no_accepted_request(model_repository: Path, tmp_path) -> None:
+    # batches wait up to 150 ms to fill, so requests are always in flight at SIGTERM
+    log_path = tmp_path / "server.log"
+    process, port = _serve(
+        model_repository,
+        log_path,
+        *("--grace", "20", "--workers", "32", "--max-queue-delay-ms", "150"),
+        *("--max-batch-size", "64"),
+    )
+    try:
         load = Load(
             f"127.0.0.1:{port}",
             lambda s: s.Segment(SEGMENT, timeout=30),
@@ -237,8 +253,124 @@ def test_sigterm_under_load_loses_no_accepted_request(model_repository: Path, tm
     assert elapsed < 20
     # The server's own account: every request its handlers accepted was answered OK
     # and reached its client; the only failures it answered were drain refusals.
-    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    entries = _log_entries(log_path)
     handled = [e for e in entries if e.get("method", "").endswith("/Segment")]
     assert sum(e["code"] == "OK" for e in handled) == codes["OK"]
     assert {e["code"] for e in handled} <= {"OK", "UNAVAILABLE"}
     assert any("draining in-flight requests" in e["message"] for e in entries)
+
+
+# -- SIGTERM with open streams: received items answered, later ones UNAVAILABLE in-band -----------
+STREAMS, STREAM_WINDOW, GRACE_S = 4, 8, 20.0
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+# 512x512: a few ms of inference each, so the items in flight at SIGTERM are still queued
+_big, _ = make_models.block_image(np.random.default_rng(3), grid=(32, 32), block=(16, 16))
+BIG_IMAGE = pb.Image(encoded=cv2.imencode(".png", _big)[1].tobytes())
+
+
+class _Stream:
+    """One SegmentStream sending items (``STREAM_WINDOW`` in flight) until its first
+    in-band UNAVAILABLE; it then sends nothing more and half-closes once ``close`` is set.
+    Every item is recorded as sent before it is written."""
+
+    def __init__(self, stub: pb_grpc.VisionServiceStub, number: int) -> None:
+        self.number = number
+        self.call = stub.SegmentStream(timeout=120)
+        self.sent: list[str] = []
+        self.answers: list[pb.SegmentResponse] = []
+        self.flowing = asyncio.Event()  # a few answers came: the stream is served
+        self._window = asyncio.Semaphore(STREAM_WINDOW)
+        self._refused = asyncio.Event()
+
+    async def run(self, close: asyncio.Event) -> grpc.StatusCode:
+        sender = asyncio.ensure_future(self._send(close))
+        async for answer in self.call:
+            self.answers.append(answer)
+            self._window.release()
+            if answer.error_code == UNAVAILABLE:
+                self._refused.set()
+            if len(self.answers) >= 3:
+                self.flowing.set()
+        await sender
+        return await self.call.code()
+
+    async def _send(self, close: asyncio.Event) -> None:
+        while True:
+            await self._window.acquire()
+            if self._refused.is_set():
+                break
+            request_id = f"{self.number}-{len(self.sent)}"
+            self.sent.append(request_id)
+            request = pb.SegmentRequest(model=SEG, image=BIG_IMAGE, request_id=request_id)
+            await self.call.write(request)
+        await close.wait()
+        await self.call.done_writing()
+
+
+def test_sigterm_with_open_streams_answers_every_item_once(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while streams send: health NOT_SERVING at once, a new stream refused
+    UNAVAILABLE; on the open streams every item is answered exactly once, those received
+    before the drain OK and the later ones UNAVAILABLE in-band (in order: OKs, then
+    refusals), each stream ends OK once its client half-closes, and the process exits 0
+    well within --grace with nothing cancelled."""
+    log_path = tmp_path / "server.log"
+    process, port = _serve(model_repository, log_path, "--grace", str(GRACE_S), "--workers", "4")
+    at: dict[str, float] = {}  # time.monotonic() of each step
+    answered_at_sigterm: list[int] = []
+
+    async def main() -> tuple[list[_Stream], list[grpc.StatusCode]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            close = asyncio.Event()
+            streams = [_Stream(stub, n) for n in range(STREAMS)]
+            runs = asyncio.gather(*(s.run(close) for s in streams))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.flowing.wait() for s in streams)), 60)
+                answered_at_sigterm.extend(len(s.answers) for s in streams)
+                process.send_signal(signal.SIGTERM)
+                at["sigterm"] = time.monotonic()
+                check = health_pb2.HealthCheckRequest()
+                while (await health.Check(check, timeout=10)).status != NOT_SERVING:
+                    assert time.monotonic() - at["sigterm"] < 10, "health still SERVING"
+                    await asyncio.sleep(0.01)
+                at["not_serving"] = time.monotonic()
+                # our streams are open, so the server is still draining: a new one is refused
+                late = stub.SegmentStream(iter([SEGMENT]), timeout=30)
+                assert await late.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in await late.details()
+            finally:
+                close.set()
+            return streams, await asyncio.wait_for(runs, 60)
+
+    try:
+        streams, codes = asyncio.run(main())
+        exit_code = process.wait(timeout=GRACE_S + 30)
+        at["exited"] = time.monotonic()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert exit_code == 0
+    assert at["not_serving"] - at["sigterm"] < 5.0  # "at once", generous on a loaded machine
+    assert at["exited"] - at["sigterm"] < GRACE_S
+    assert codes == [grpc.StatusCode.OK] * STREAMS
+    for stream in streams:
+        ids = [a.request_id for a in stream.answers]
+        assert ids == stream.sent, "every item sent answered exactly once, in order"
+        outcome = [a.error_code for a in stream.answers]
+        first_refusal = outcome.index(UNAVAILABLE)  # each stream stopped sending at one
+        assert set(outcome[:first_refusal]) <= {0}, "received before the drain: answered OK"
+        assert set(outcome[first_refusal:]) == {UNAVAILABLE}, "after it: refused in-band"
+        assert len(outcome) - first_refusal <= STREAM_WINDOW
+        assert all("shutting down" in a.error_message for a in stream.answers[first_refusal:])
+    # items in flight at SIGTERM (queued behind 512x512 inferences) were still answered OK
+    after = [s.answers[n:] for s, n in zip(streams, answered_at_sigterm)]
+    assert sum(a.error_code == 0 for answers in after for a in answers) > 0
+    entries = _log_entries(log_path)
+    calls = [e for e in entries if e.get("method", "").endswith("/SegmentStream")]
+    assert sorted(e["code"] for e in calls) == ["OK"] * STREAMS + ["UNAVAILABLE"], calls
+    assert any("draining in-flight requests" in e["message"] for e in entries)
+    assert not any("grace period over" in e["message"] for e in entries)
