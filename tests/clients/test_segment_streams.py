@@ -52,7 +52,9 @@ def test_streams_past_the_servers_limit_retire_and_lose_or_double_nothing(
 ) -> None:
     """--streams 6 against --max-streams 2: four streams are refused RESOURCE_EXHAUSTED,
     their workers retire (their requests go to the other two), and every image is
-    inferred, written and journaled once (SegmentBatches and SegmentStream)."""
+    inferred, written and journaled once (SegmentBatches and SegmentStream). (A refusal
+    that grpc.aio reports as INTERNAL, grpc/grpc#36066, is retried: more than four
+    refusals, and a worker may still be backing off when the run ends.)"""
     server = start_server(max_streams=2)
     images, gts = make_dataset(tmp_path, 40)
     before = _inferred_rows(server)
@@ -61,10 +63,12 @@ def test_streams_past_the_servers_limit_retire_and_lose_or_double_nothing(
     with caplog.at_level(logging.INFO, logger="visionserve.clients._batch"):
         assert main(args) == 0
     _assert_each_once(tmp_path / "out", images, 40)
-    assert _shed_streams(server) == 4  # the refusals happened: the test means something
+    assert _shed_streams(server) >= 4  # the refusals happened: the test means something
     logged = [r.getMessage() for r in caplog.records]
     retired = [m for m in logged if "the server limits streams" in m]
-    assert [m.split("going on with ")[1][:1] for m in retired] == ["5", "4", "3", "2"]
+    assert 1 <= len(retired) <= 4, logged
+    going_on_with = [int(m.split("going on with ")[1][:1]) for m in retired]
+    assert going_on_with == [5, 4, 3, 2][: len(retired)]
     assert all("--max-streams 2" in m for m in retired)
     assert _inferred_rows(server) - before == 40  # nothing inferred twice
 
@@ -94,9 +98,11 @@ def test_the_last_stream_never_retires_it_backs_off_until_served(
     held = _hold_streams(f"127.0.0.1:{server.port}", 1, release)
     wait_until(lambda: server.gate.streams == 1)
 
-    def free_the_slot() -> None:  # once the last worker was refused a few times
+    def free_the_slot() -> None:  # once one worker retired and the last was refused twice
         try:
-            wait_until(lambda: _shed_streams(server) >= 4)
+            wait_until(lambda: "going on with 1" in caplog.text)
+            refused = _shed_streams(server)
+            wait_until(lambda: _shed_streams(server) >= refused + 2)
         finally:
             release.set()
 
@@ -113,7 +119,7 @@ def test_the_last_stream_never_retires_it_backs_off_until_served(
         held[0].close()
     _assert_each_once(tmp_path / "out", images, 12)
     assert caplog.text.count("the server limits streams; going on with 1") == 1
-    assert "RESOURCE_EXHAUSTED" in caplog.text and "reopening in" in caplog.text
+    assert "reopening in" in caplog.text  # the last one was refused, and tried again
 
 
 def test_a_server_that_never_frees_a_stream_is_given_up_on(
