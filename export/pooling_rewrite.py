@@ -14,6 +14,12 @@ all in TensorRT's supported set, and bit-exact:
 * ``MaxUnpool`` becomes a ``ScatterElements`` of the values into a zero plane of the output
   size (its ``output_shape`` input, or the default ``(in - 1) * stride - pads + kernel``).
 
+Node names: the kept ``MaxPool`` (values only) keeps its name ``P`` (or, unnamed, its
+output's name is ``P``) and every node computing its indices is named ``P/...``; the
+nodes replacing a ``MaxUnpool`` ``U`` are named ``U/...``. :func:`indices_subgraphs` finds
+the indices subgraphs by these names (``export/receptive_field.py`` reads the indices'
+positions from them: the argmax arithmetic itself says nothing a graph walk can read).
+
 Supported: 2-D pooling (NCHW), any kernel and stride, ``pads`` 0, ``dilations`` 1,
 ``ceil_mode`` 0, ``storage_order`` 0, dynamic batch and H, W; opset 13 or later (older
 graphs are converted first). Anything else raises :class:`UnsupportedPoolingError` naming
@@ -32,7 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnsupportedPoolingError", "needs_pooling_rewrite", "rewrite_pooling"]
+__all__ = ["IndicesSubgraph", "UnsupportedPoolingError", "indices_subgraphs",
+           "needs_pooling_rewrite", "rewrite_pooling"]
 
 MIN_OPSET = 13
 _BIG = np.iinfo(np.int64).max
@@ -117,6 +124,40 @@ class _Builder:
         base = self.op("Mul", [planes, self.scalar(plane)])
         target = self.op("Concat", [n, c, self.ints([1, 1])], axis=0)
         return self.op("Reshape", [base, target])
+
+
+@dataclass(frozen=True)
+class IndicesSubgraph:
+    """The nodes this rewrite added to compute the ``indices`` of the kept MaxPool ``pool``."""
+
+    pool: onnx.NodeProto
+    indices: str
+    nodes: frozenset[str]
+
+
+def indices_subgraphs(graph: onnx.GraphProto) -> list[IndicesSubgraph]:
+    """The indices subgraphs of a rewritten graph (see "Node names" in the module docstring):
+    for each single-output MaxPool ``P``, the nodes named ``P/...``, and the one tensor they
+    compute that is used outside them (or is a graph output): the indices."""
+    found = []
+    for pool in graph.node:
+        if pool.op_type != "MaxPool" or len(pool.output) != 1:
+            continue
+        prefix = f"{pool.name or pool.output[0]}/"
+        members = [n for n in graph.node if n.name.startswith(prefix)]
+        if not members:
+            continue
+        made = {o for n in members for o in n.output}
+        read = {i for n in members for i in n.input}
+        used_outside = {i for n in graph.node if not n.name.startswith(prefix) for i in n.input}
+        leaving = sorted(made & (used_outside | {o.name for o in graph.output}))
+        if len(leaving) != 1 or pool.input[0] not in read:
+            raise UnsupportedPoolingError(
+                f"the nodes named {prefix}... are not this rewrite's indices of MaxPool "
+                f"{pool.name!r}: expected them to read its input {pool.input[0]!r} and to give "
+                f"one tensor used elsewhere, got {leaving}")
+        found.append(IndicesSubgraph(pool, leaving[0], frozenset(n.name for n in members)))
+    return found
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:

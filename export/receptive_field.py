@@ -15,9 +15,13 @@ decoder upsamples). The graph is walked once in topological order:
 - ``Slice`` with a step on a spatial axis (the max-pooling-with-indices rewrite's
   taps), ``Pad`` (leading pads shift; pads computed at run time are taken as trailing,
   which is how the export pads to a size multiple);
-- ``ScatterElements`` over a flattened plane is read as the export's max-unpooling
-  rewrite: the plane (from the ``Shape`` of the tensor the pooling read) receives each
-  pooled value somewhere inside its pooling window;
+- max-pooling indices and max-unpooling, as exported (``MaxPool`` with an ``Indices``
+  output, ``MaxUnpool``) or rewritten for TensorRT (``export/pooling_rewrite.py``: its
+  indices subgraph is recognised by its node names, see :func:`indices_subgraphs`; the
+  unpooling is a ``ScatterElements``/``ScatterND`` of the values into a zero plane, the
+  indices flattened, plane offsets added or subtracted from shapes alone). The indices
+  carry, besides their span, the pooling they point into (:class:`_Window`); an unpooling
+  places each value at its index (see :meth:`_Window.unpool` for the span);
 - element-wise ops, concatenation and reductions over other axes take the union of
   their inputs' spans; a reduction over the spatial axes (global pooling, ``Flatten``
   before a classifier head) ends them.
@@ -37,6 +41,7 @@ from fractions import Fraction
 
 import onnx
 from onnx import numpy_helper
+from visionserve.export.pooling_rewrite import indices_subgraphs
 from visionserve.server.model_config import ReceptiveField
 
 __all__ = ["ReceptiveField", "Span", "UnsupportedGraph", "receptive_field"]
@@ -55,6 +60,7 @@ ELEMENTWISE = {
 REDUCTIONS = {"ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1",
               "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin"}
 KERNELS = {"Conv", "MaxPool", "AveragePool", "LpPool"}
+POSITION_KEEPING = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"}  # indices stay indices
 
 
 class UnsupportedGraph(ValueError):
@@ -92,6 +98,45 @@ class _Geo:
         return replace(self, h=fn(self.h, 0), w=fn(self.w, 1))  # type: ignore[operator]
 
 
+@dataclass(frozen=True)
+class _Window:
+    """What max-pooling indices point at: pooled position ``q`` holds the index of one of the
+    positions ``q * s - p + m * d`` (``m`` in ``0 .. k - 1``) of the pooled tensor, the
+    ``plane``; ``kernel``, ``strides``, ``pads`` (leading), ``dilations`` per axis (H, W)."""
+
+    plane: _Geo
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int]
+    dilations: tuple[int, int]
+
+    def unpool(self, source: _Geo) -> _Geo:
+        """Max-unpooling: the span of the plane-sized output.
+
+        Output position ``u`` (on the plane's grid, jump ``J``) receives the value of every
+        pooled ``q`` whose index is ``u``; ``q``'s index is one of its window's positions, so
+        ``u = q * s - p + m * d`` for some ``m`` in ``0 .. k - 1``: ``q * s * J`` lies in
+        ``u * J + [(p - (k - 1) d) J, p J]``. What ``u`` holds depends on those ``q``'s values
+        and on their indices, i.e. on ``source`` (the values' span united with the indices',
+        which is the pooling's own window over the plane: the argmax reads the whole window;
+        both on the pooled grid, jump ``s * J``). So ``lo = source.lo + (p - (k - 1) d) J``,
+        ``hi = source.hi + p J``: the window's extent at the pool's stride, the same shape as
+        a ``ConvTranspose`` of kernel ``k`` and stride ``s``. For 2x2 stride-2 pooling an output
+        pixel sees its pooled pixel (``u // 2``) and, through the index, the 2x2 window of
+        pre-pool activations it lies in.
+        """
+
+        def step(span: Span, i: int) -> Span:
+            k, s, p, d = self.kernel[i], self.strides[i], self.pads[i], self.dilations[i]
+            jump = (self.plane.h, self.plane.w)[i].jump
+            if span.jump != jump * s:
+                raise UnsupportedGraph(f"values unpooled from a grid of stride {span.jump}; their "
+                                       f"indices pool a plane of stride {jump} by {s}")
+            return Span(jump, span.lo + (p - (k - 1) * d) * jump, span.hi + p * jump)
+
+        return source.map(step)
+
+
 def _union(geos: list[_Geo]) -> _Geo:
     out = geos[0]
     for geo in geos[1:]:
@@ -104,8 +149,9 @@ def _finest(geos: list[_Geo]) -> _Geo:
 
 
 class _Walker:
-    """One pass over a shape-inferred graph, keeping a ``_Geo`` per spatial tensor and, for
-    shape arithmetic, the ``_Geo`` of the tensor whose ``Shape`` it came from."""
+    """One pass over a shape-inferred graph, keeping a ``_Geo`` per spatial tensor, a
+    ``_Window`` per tensor of max-pooling indices and, for shape arithmetic, the ``_Geo`` of
+    the tensor whose ``Shape`` it came from."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
@@ -114,7 +160,10 @@ class _Walker:
                      for v in [*graph.value_info, *graph.input, *graph.output]
                      if v.type.tensor_type.HasField("shape")}
         self.geo: dict[str, _Geo] = {}
+        self.points: dict[str, _Window] = {}
         self.shape_of: dict[str, _Geo] = {}
+        self.rewritten = {sub.pool.output[0]: sub for sub in indices_subgraphs(graph)}
+        self.skip = {name for sub in self.rewritten.values() for name in sub.nodes}
         self.ended: list[_Geo] = []
         self.jumps: list[Fraction] = [Fraction(1)]
         image = graph.input[0].name
@@ -136,6 +185,8 @@ class _Walker:
     # -- the walk -------------------------------------------------------------------------
     def node(self, node: onnx.NodeProto) -> None:
         op = node.op_type
+        if node.name in self.skip:  # the rewrite's indices arithmetic: read from its pool
+            return
         if op == "Constant":
             attr = next((a for a in node.attribute if a.name == "value"), None)
             if attr is not None:
@@ -159,6 +210,38 @@ class _Walker:
         if geo is not None:
             for out in node.output[:1] if op in KERNELS | {"Dropout"} else node.output:
                 self.set(out, geo)
+        self._carry_points(node)
+        if op == "MaxPool":
+            self._pool_indices(node, inputs[0])
+
+    def _carry_points(self, node: onnx.NodeProto) -> None:
+        """Indices stay indices through casts and reshapes, and through adding or subtracting
+        a tensor computed from shapes alone: the per-plane offset ``(n * C + c) * H * W`` that
+        exporters add or remove to go between whole-tensor and per-plane indices."""
+        carried = [self.points[i] for i in node.input if i in self.points]
+        if not carried:
+            return
+        offsets_only = all(i in self.points or i in self.shape_of or i == "" for i in node.input)
+        if (node.op_type in POSITION_KEEPING and node.input[0] in self.points) or (
+                node.op_type in ("Add", "Sub") and len(carried) == 1 and offsets_only):
+            self.points[node.output[0]] = carried[0]
+
+    def _pool_indices(self, node: onnx.NodeProto, plane: _Geo) -> None:
+        """The indices of a MaxPool: its second output, or the rewrite's subgraph for it."""
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        sub = self.rewritten.get(node.output[0])
+        indices = sub.indices if sub else (node.output[1] if len(node.output) > 1 else "")
+        if not indices:
+            return
+        kernel, strides = list(attrs["kernel_shape"]), list(attrs.get("strides", [1, 1]))
+        dilations = list(attrs.get("dilations", [1, 1]))
+        if math.prod(kernel) == 1:  # one tap: each index is its own position, from shapes alone
+            self.shape_of[indices] = plane
+            return
+        pads = self._pads(attrs, kernel, strides, dilations)
+        self.set(indices, self.geo[node.output[0]])  # the argmax reads the whole window
+        self.points[indices] = _Window(plane, tuple(kernel), tuple(strides), tuple(pads),
+                                       tuple(dilations))
 
     def apply(self, node: onnx.NodeProto, inputs: list[_Geo]) -> _Geo | None:
         op, first = node.op_type, self.geo.get(node.input[0])
@@ -168,7 +251,7 @@ class _Walker:
             return None
         if op in ELEMENTWISE or (op == "Concat" and not self._hits(node, [attrs["axis"]])):
             return _union(inputs)
-        if op == "ScatterElements":
+        if op in ("ScatterElements", "ScatterND"):
             return self._scatter(node)
         if first is None:
             raise UnsupportedGraph("its spatial input is not its first input")
@@ -186,6 +269,8 @@ class _Walker:
 
     # -- spatial ops ----------------------------------------------------------------------
     def _kernel(self, node: onnx.NodeProto, geo: _Geo, attrs: dict) -> _Geo:
+        if len(geo.axes) != 2:
+            raise UnsupportedGraph("a kernel over a flattened H*W plane")
         kernel = attrs.get("kernel_shape") or list(self.consts[node.input[1]].shape[2:])
         strides = attrs.get("strides", [1, 1])
         dilations = attrs.get("dilations", [1, 1])
@@ -317,30 +402,33 @@ class _Walker:
 
     def _reshape(self, node: onnx.NodeProto, geo: _Geo, attrs: dict, _: list) -> _Geo:
         rank_in, rank_out = self.rank[node.input[0]], self.rank[node.output[0]]
-        if len(geo.axes) == 2 and geo.axes == (-2, -1) and rank_out == rank_in - 1:
-            return replace(geo, axes=(-1,))  # H, W flattened into one axis
-        if len(geo.axes) == 1 and geo.axes == (-1,) and rank_out == rank_in + 1:
+        if geo.axes == (-2, -1) and rank_out < rank_in:
+            return replace(geo, axes=(-1,))  # H, W (and the axes before) flattened into the last
+        if geo.axes == (-1,) and rank_out > rank_in:
             return replace(geo, axes=(-2, -1))  # a flattened plane back to H, W
         if rank_in == rank_out and self.const(node.input[1]) is None:
             return geo  # same rank, shape from the input's own Shape: taken as a no-op
         raise UnsupportedGraph(f"Reshape of a spatial tensor from rank {rank_in} to {rank_out}")
 
     def _scatter(self, node: onnx.NodeProto) -> _Geo:
-        """Max-unpooling: ``data`` is a zero plane shaped like the pooling's input (its
-        ``Shape`` tag), ``indices`` come from the pooling (their span is the pooling window
-        over that plane), ``updates`` are the values to place."""
-        plane = self.shape_of.get(node.input[0])
-        indices, updates = self.geo.get(node.input[1]), self.geo.get(node.input[2])
-        if plane is None or indices is None:
-            raise UnsupportedGraph("ScatterElements that is not a max-unpooling over a flattened plane")
-        source = indices if updates is None else updates.union(indices)
+        """Max-unpooling as a scatter (``ScatterElements`` over a flattened plane, the
+        rewrite's; ``ScatterND`` into a flattened tensor, PyTorch's decomposition): the
+        ``updates`` land at the ``indices``, pooling indices (:meth:`_Window.unpool`), in
+        ``data`` (a zero plane, or a tensor on the plane's grid)."""
+        data, indices, updates = node.input[:3]
+        window = self.points.get(indices)
+        if window is None:
+            raise UnsupportedGraph("a scatter whose indices are not max-pooling indices")
+        placed = window.unpool(_union([self.geo[i] for i in (updates, indices) if i in self.geo]))
+        if updates in self.geo:
+            placed = replace(placed, axes=self.geo[updates].axes)
+        return placed.union(self.geo[data]) if data in self.geo else placed
 
-        def step(src: Span, window: Span, target: Span) -> Span:
-            # pooled q covers plane positions q*jump + (window.lo - target.lo) ..
-            # q*jump + (window.hi - target.hi); its value lands on one of them
-            return Span(target.jump, src.lo - (window.hi - target.hi), src.hi - (window.lo - target.lo))
-
-        return _Geo(step(source.h, indices.h, plane.h), step(source.w, indices.w, plane.w), source.axes)
+    def _maxunpool(self, node: onnx.NodeProto, geo: _Geo, attrs: dict, _: list) -> _Geo:
+        window = self.points.get(node.input[1])
+        if window is None:
+            raise UnsupportedGraph("MaxUnpool whose indices are not a MaxPool's")
+        return replace(window.unpool(geo.union(self.geo[node.input[1]])), axes=geo.axes)
 
     def _concat(self, node: onnx.NodeProto, geo: _Geo, attrs: dict, _: list) -> _Geo:
         raise UnsupportedGraph("Concat along a spatial axis")

@@ -37,6 +37,24 @@ def test_generate_train_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert json.loads((tmp_path / "repo/shapes-seg/1/validation.json").read_text())["passed"]
 
 
+def test_export_records_the_segnet_receptive_field(tmp_path: Path, checkpoint_factory,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A SegNet's receptive field is read through the pooling rewrite's graph: printed,
+    recorded in validation.json and model.yaml (the server's tile margin comes from it).
+    47 px, radius 23, stride 4 for depth 2: by hand in test_receptive_field.py."""
+    metadata = {"architecture": "segnet", "arch_kwargs": {"base_channels": 4, "depth": 2},
+                "labels": ["background", "a", "b"], "input": {"height": 32, "width": 32}}
+    checkpoint = checkpoint_factory(tmp_path / "ckpt", metadata)
+    assert main(["export", "--checkpoint", str(checkpoint), "--repository", str(tmp_path / "repo"),
+                 "--name", "segnet", "--no-tensorrt-check"]) == 0
+    assert "receptive field 47 px (radius 23, output stride 4)" in capsys.readouterr().out
+    config = ModelConfig.load(tmp_path / "repo/segnet/model.yaml")
+    assert (config.input.receptive_field.size, config.input.receptive_field.radius,
+            config.input.receptive_field.stride) == (47, 23, 4)
+    recorded = json.loads((tmp_path / "repo/segnet/1/validation.json").read_text())
+    assert recorded["receptive_field"] == {"computed": True, "size": 47, "radius": 23, "stride": 4}
+
+
 def test_export_failure_exits_non_zero(tmp_path: Path, classifier_checkpoint: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["export", "--checkpoint", str(classifier_checkpoint), "--repository", str(tmp_path / "r"),

@@ -33,6 +33,9 @@ ZOO = {  # architecture -> (arch_kwargs, input size): small channels where the b
     "vgg16_bn": ({"pool_size": 1, "hidden": 64}, 64),
     "segnet_vgg16_bn": ({"width": 8}, 64),
 }
+# computed by hand in test_receptive_field.py (ResNet-50: not computed by hand, not checked)
+RECEPTIVE_FIELDS = {"resnet18": (435, 217, 32), "unet": (103, 51, 8), "segnet": (103, 51, 8),
+                    "vgg16_bn": (212, 121, 32), "segnet_vgg16_bn": (423, 211, 32)}
 
 
 def _checkpoint(directory: Path, architecture: str) -> Path:
@@ -87,6 +90,12 @@ def test_zoo_exports_audit_and_match(tmp_path: Path, architecture: str) -> None:
     if architecture in ("segnet", "segnet_vgg16_bn"):  # unpooling: a scatter; the pooling indices: rewritten
         assert {"ScatterND", "ScatterElements"} & set(written["graph"]["op_types"])
         assert "MaxUnpool" not in written["graph"]["op_types"]
+    if architecture in RECEPTIVE_FIELDS:  # read from the written graph, rewrites included
+        size, radius, stride = RECEPTIVE_FIELDS[architecture]
+        assert written["receptive_field"] == {"computed": True, "size": size, "radius": radius,
+                                              "stride": stride}
+        field = ModelConfig.load(tmp_path / f"repo/{architecture}/model.yaml").input.receptive_field
+        assert (field.size, field.radius, field.stride) == (size, radius, stride)
 
     audit = written["audit"]
     assert audit["ok"] and audit["problems"] == [] and not audit["allowed_unsupported"]
