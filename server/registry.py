@@ -35,6 +35,7 @@ from visionserve.server.admission import AdmissionPolicy
 from visionserve.server.backends.registry import load_backend
 from visionserve.server.requests import RequestLimits
 from visionserve.server.served_model import ServedModel
+from visionserve.server.tiling import tiling_caveat
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ def load_model(
     except BaseException:
         backend.close()
         raise
+    caveat = tiling_caveat(config.input)
+    if caveat is not None:
+        log.warning("model %s: %s", entry.name, caveat)
     if warmup:
         try:
             model.warmup()

@@ -136,6 +136,31 @@ def tile_margin(spec: InputSpec, tile: int) -> int:
     return min(cap, math.ceil(field.radius / field.stride) * field.stride)
 
 
+def tiling_caveat(spec: InputSpec) -> str | None:
+    """Why this model's tiled masks may differ from whole-image inference, or None.
+
+    Tiles are exact when they overlap by at least the receptive field's radius; the
+    default margin is capped at a quarter of the tile, so a model seeing farther than that
+    (SegNet-VGG-16: radius 211 px, 512 tiles) is tiled with seams unless told otherwise.
+    """
+    if spec.mode != "pad" or spec.oversized != "tile":
+        return None
+    tile = tile_size(spec)
+    margin, field = tile_margin(spec, tile), spec.receptive_field
+    if field is None:
+        return (f"no receptive field is recorded (re-export to record one): tiles of "
+                f"{tile}x{tile} overlap by {margin} px, which may leave seams in masks of "
+                f"images larger than {spec.buckets[-1]}x{spec.buckets[-1]}")
+    if margin >= field.radius:
+        return None
+    return (f"tiles of {tile}x{tile} overlap by {margin} px, less than the receptive field's "
+            f"radius of {field.radius} px: masks of images larger than "
+            f"{spec.buckets[-1]}x{spec.buckets[-1]} may differ from whole-image inference near "
+            f"tile seams; to make them exact set input.tile_margin: "
+            f"{math.ceil(field.radius / field.stride) * field.stride} (with input.tile_size well above "
+            f"twice that, e.g. {4 * math.ceil(field.radius / field.stride) * field.stride})")
+
+
 def tile_plan(height: int, width: int, spec: InputSpec) -> TilePlan:
     """The tile grid for an image of ``height`` x ``width`` under ``spec``."""
     tile = tile_size(spec)

@@ -17,6 +17,7 @@ from visionserve.server.tiling import (
     tile_margin,
     tile_plan,
     tile_size,
+    tiling_caveat,
 )
 
 LADDER = (32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -87,6 +88,18 @@ def test_defaults_from_the_receptive_field() -> None:
     assert tile_margin(_spec(tile_margin=0), 512) == 0
     assert tile_size(_spec(buckets=(64, 768, 1024))) == 64
     assert tile_size(_spec(tile_size=256)) == 256
+
+
+def test_a_margin_short_of_the_receptive_field_is_named() -> None:
+    assert tiling_caveat(_spec()) is None  # UNet: margin 56 >= radius 51
+    vgg = ReceptiveField(423, 211, 32)  # SegNet-VGG-16-BN: the default margin is capped at 128
+    caveat = tiling_caveat(_spec(receptive_field=vgg))
+    assert caveat is not None and "overlap by 128 px" in caveat and "radius of 211" in caveat
+    assert "input.tile_margin: 224" in caveat
+    assert tiling_caveat(_spec(receptive_field=vgg, tile_margin=224, tile_size=1024)) is None
+    assert "no receptive field" in tiling_caveat(_spec(receptive_field=None))
+    assert tiling_caveat(_spec(receptive_field=vgg, oversized="scale")) is None
+    assert tiling_caveat(_spec(mode="resize", height=64, width=64, receptive_field=vgg)) is None
 
 
 def test_plan_counts_tiles_of_the_issue_sizes() -> None:
