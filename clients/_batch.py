@@ -17,6 +17,11 @@ stream the server refuses with RESOURCE_EXHAUSTED (its ``--max-streams`` limit) 
 requests back too and its worker retires while another worker runs; the last one backs
 off and retries. A request answered RESOURCE_EXHAUSTED in-band goes back in the queue
 after a backoff, at most ``MAX_REFUSALS`` times, then fails with the server's reason.
+A stream ended because a message was over the server's (or this client's) message size
+limit is no full server (gRPC's text tells them apart): each request too large alone
+fails with its size, the limit and the fix, the others go back in the queue, and from
+then on messages pack at most that limit's bytes; an answer too large makes messages
+carry fewer requests, or fails its image if it answered one (``_packing.py``).
 When no answer has come for ``give_up_after`` seconds the run stops with
 :class:`BatchStopped`. Per-image failures are collected, never raised.
 """
@@ -36,12 +41,16 @@ import grpc
 import numpy as np
 
 from visionserve.clients._aio import AsyncVisionClient
-from visionserve.clients._dataset_iou import iou_from_confusion
-from visionserve.clients._errors import VisionServeError, translate
+from visionserve.clients._errors import (
+    MessageTooLarge,
+    VisionServeError,
+    message_too_large,
+    translate,
+)
 from visionserve.clients._journal import Journal
+from visionserve.clients._packing import Packing, message_size
 from visionserve.clients._render import decode_index_mask
-from visionserve.clients._results import Job, build_record, served_fields, write_outputs
-from visionserve.clients._types import decode_mask
+from visionserve.clients._results import Job, served_record, write_outputs
 from visionserve.protos import visionserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -131,9 +140,11 @@ DONE = _Done()
 class _StreamState:
     window: asyncio.Semaphore
     batched: bool  # SegmentBatches (several requests per message), else SegmentStream
-    outstanding: dict[str, tuple[Prepared, float]] = field(default_factory=dict)
+    # key -> (request, when sent, requests in its message), in the order sent
+    outstanding: dict[str, tuple[Prepared, float, int]] = field(default_factory=dict)
     expired: bool = False  # the watchdog cancelled the call: a request passed its deadline
     closing: VisionServeError | None = None  # the server drains: send nothing more
+    limit: int | None = None  # the message size limit known when the stream opened
     writing: bool = False  # a write is under way (or failed): see MAX_ODD_FAILURES
     answered: int = 0
 
@@ -160,6 +171,7 @@ class BatchRunner:
         self._last_answer = time.monotonic()
         self._last_error: VisionServeError | None = None  # why the latest stream broke
         self._refusals: dict[str, int] = {}  # key -> RESOURCE_EXHAUSTED answers so far
+        self._packing = Packing(settings.per_message)  # what messages over a limit taught
         self._pending: set[asyncio.Future[Any]] = set()
 
     async def run(self, jobs: list[Job]) -> None:
@@ -272,9 +284,12 @@ class BatchRunner:
         delay, odd = BACKOFF_S[0], 0
         while self._remaining > 0:
             state = _StreamState(asyncio.Semaphore(self.settings.window), self._batched)
+            state.limit = self._packing.limit
             error = await self._one_stream(state)
             if error is None or self._remaining == 0:
                 return
+            if message_too_large(error) is not None:
+                continue  # the culprits failed, the rest is queued to fit: reopened at once
             masked = error.code == grpc.StatusCode.INTERNAL and state.writing
             if not masked:
                 self._last_error = error
@@ -334,9 +349,13 @@ class BatchRunner:
             for key in list(state.outstanding):
                 self._resolve(key, str(error))
             return error
-        for prepared, _ in state.outstanding.values():  # not lost: sent again
-            self._queue.put_nowait(prepared)
         error = translate(exc)
+        too_large = message_too_large(error)
+        if too_large is not None:
+            self._over_limit(state, too_large, error)
+            return error
+        for prepared, _, _ in state.outstanding.values():  # not lost: sent again
+            self._queue.put_nowait(prepared)
         if error.code == grpc.StatusCode.UNIMPLEMENTED and state.batched:
             if self._batched:  # every stream finds out; say it once
                 log.info(
@@ -349,6 +368,40 @@ class BatchRunner:
             raise BatchStopped(f"the server ended the stream: {error}") from exc
         return error
 
+    def _over_limit(
+        self, state: _StreamState, too_large: MessageTooLarge, error: VisionServeError
+    ) -> None:
+        """A stream ended by a message over a size limit. A request: those too large alone
+        fail, later messages pack at most the limit's bytes. An answer (answers come in
+        order: the oldest message's): its request fails if it was alone, else later
+        messages pack fewer requests. The rest go back in the queue."""
+        outstanding = list(state.outstanding.values())
+        if too_large.request and self._packing.learn(too_large, state.limit, error):
+            outstanding = [e for e in outstanding if not self._refused_as_too_large(e[0], state)]
+        elif not too_large.request and outstanding:
+            prepared, _, together = outstanding[0]
+            if together == 1:
+                reason = VisionServeError(error.code, too_large.reason())
+                self._fail_found(prepared, reason)
+                outstanding = outstanding[1:]
+            else:
+                self._packing.fewer(together, too_large, error)
+        else:  # over a limit known when it was sent (sizes misjudged), or no culprit
+            raise BatchStopped(f"the server ended the stream: {error}")
+        for prepared, _, _ in outstanding:
+            self._queue.put_nowait(prepared)
+
+    def _refused_as_too_large(self, prepared: Prepared, state: _StreamState) -> bool:
+        """Fail ``prepared`` when a message with it alone is over the message limit learnt."""
+        reason = self._packing.over(prepared.request, state.batched)
+        if reason is not None:
+            self._fail_found(prepared, reason)
+        return reason is not None
+
+    def _fail_found(self, prepared: Prepared, reason: VisionServeError) -> None:
+        self._last_answer = time.monotonic()  # a failure, found out: progress
+        self._resolve(prepared.job.key, str(reason))
+
     async def _send(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
         try:
             while True:
@@ -358,7 +411,7 @@ class BatchRunner:
                     return
                 now = time.monotonic()
                 for item in items:
-                    state.outstanding[item.job.key] = (item, now)
+                    state.outstanding[item.job.key] = (item, now, len(items))
                 state.writing = True
                 if state.batched:
                     await call.write(pb.SegmentBatch(requests=[i.request for i in items]))
@@ -370,25 +423,31 @@ class BatchRunner:
 
     async def _take(self, state: _StreamState) -> list[Prepared]:
         """The next message's requests: waits for one, then takes what is ready without
-        waiting (up to ``per_message``, within the window); [] when every job is done."""
-        limit = self.settings.per_message if state.batched else 1
+        waiting (up to ``per_message``, within the window and the message size limit
+        learnt); [] when every job is done. Requests over that limit alone fail here."""
+        limit = self._packing.per_message if state.batched else 1
         await state.window.acquire()
-        if state.closing:
-            return []
-        item = await self._queue.get()
-        if isinstance(item, _Done):
-            return []
-        if state.closing:  # while we waited: for another stream
-            self._queue.put_nowait(item)
-            return []
-        items = [item]
+        item: Prepared | _Done | None = None
+        while item is None:
+            if state.closing:
+                return []
+            item = await self._queue.get()
+            if isinstance(item, _Done):
+                return []
+            if state.closing:  # while we waited: for another stream
+                self._queue.put_nowait(item)
+                return []
+            if self._refused_as_too_large(item, state):
+                item = None
+        items, size = [item], message_size(item.request, state.batched)
         while len(items) < limit and not self._queue.empty() and not state.window.locked():
             item = self._queue.get_nowait()
-            if isinstance(item, _Done):
+            if isinstance(item, _Done) or not self._packing.fits(size, item.request):
                 self._queue.put_nowait(item)  # for the next call; send what we have
                 break
             await state.window.acquire()  # free: does not wait
             items.append(item)
+            size += message_size(item.request, True)
         return items
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, state: _StreamState) -> None:
@@ -398,7 +457,7 @@ class BatchRunner:
             await asyncio.sleep(min(WATCH_S, timeout / 4))
             if not state.outstanding:
                 continue
-            oldest = min(t for _, t in state.outstanding.values())
+            oldest = min(t for _, t, _ in state.outstanding.values())
             if time.monotonic() - oldest > timeout:
                 state.expired = True
                 call.cancel()
@@ -477,29 +536,10 @@ class BatchRunner:
     # -- per image, in a worker thread --------------------------------------
     def _finish(self, prepared: Prepared, response: pb.SegmentResponse) -> None:
         job, s = prepared.job, self.settings
-        mask = decode_mask(response.mask)
-        record = build_record(job, mask, prepared.truth, s.num_classes, s.ignore_index)
-        if response.HasField("serving"):  # how the server served it (older servers: absent)
-            served = response.serving
-            record.update(served_fields(served.mode, served.description, served.scale))
-        if s.server_iou and prepared.truth is not None:
-            check_server_iou(record["confusion"], response)
-            record["server_checked"] = True  # the report claims the cross-check for these
+        truth, check = prepared.truth, s.server_iou
+        mask, record = served_record(job, truth, response, s.num_classes, s.ignore_index, check)
         write_outputs(job, mask, record, s.out_root, prepared.request.image.encoded)
         self.journal.append(record)
-
-
-def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -> None:
-    """The server's per-class counts must be those of the returned mask's confusion matrix."""
-    intersection, union, _ = iou_from_confusion(np.asarray(confusion))
-    server_i = [int(c.intersection) for c in response.iou.classes]
-    server_u = [int(c.union) for c in response.iou.classes]
-    if server_i != intersection.tolist() or server_u != union.tolist():
-        raise ValueError(
-            f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
-            f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
-            f"union {union.tolist()})"
-        )
 
 
 def _task_cancelled() -> bool:

@@ -1,13 +1,16 @@
 """One exception type for every failed call, and the one place RPC errors are translated.
 
 Retries: only UNAVAILABLE (server starting, restarting, draining, unreachable) is
-retried, with exponential backoff; every other status is raised at once.
+retried, with exponential backoff; every other status is raised at once. A message over
+a gRPC message size limit (RESOURCE_EXHAUSTED, like a server that is full) is told apart
+by :func:`message_too_large`, and its error says which limit and how to raise it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +21,54 @@ import grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+# gRPC's own text when a message is over a max_{send,receive}_message_length: the side
+# that refused it, and (message size vs. that side's limit) in bytes.
+_TOO_LARGE = re.compile(
+    r"(SERVER|CLIENT): (Received|Sent) message larger than max \((\d+) vs\. (\d+)\)"
+)
+
+
+@dataclass(frozen=True)
+class MessageTooLarge:
+    """A message over a gRPC message size limit: ``request`` (else the answer) of ``size``
+    bytes, over the ``limit`` (bytes) of the ``server`` (else this client)."""
+
+    request: bool
+    server: bool
+    size: int
+    limit: int
+
+    def reason(self, size: int | None = None) -> str:
+        """Why it failed and the fix; ``size``: the one request's, if not the message's."""
+        what = "the request" if self.request else "the answer"
+        got = _mib(self.size if size is None else size)
+        if self.server:
+            fix = "raise the server's --max-message-mb"
+            where = "the server's message limit"
+        else:
+            fix = "raise the client's max_message_mb"
+            where = "this client's message limit"
+        if self.request:
+            fix += ", or send smaller or compressed images (e.g. JPEG)"
+        else:
+            fix += ", or send smaller images"
+        return f"{what} is {got}, over {where} of {_mib(self.limit)}: {fix}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB ({size} bytes)"
+
+
+def message_too_large(error: VisionServeError) -> MessageTooLarge | None:
+    """The size limit ``error`` reports a message over, or None for any other error."""
+    found = _TOO_LARGE.search(error.details)
+    if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or found is None:
+        return None
+    side, verb, size, limit = found.groups()
+    request = (side == "SERVER") == (verb == "Received")
+    return MessageTooLarge(request, side == "SERVER", int(size), int(limit))
 
 
 class VisionServeError(Exception):
@@ -84,7 +135,12 @@ def translate(error: BaseException) -> VisionServeError:
     if isinstance(error, VisionServeError):
         return error
     if isinstance(error, grpc.RpcError):
-        return VisionServeError.from_rpc_error(error)
+        translated = VisionServeError.from_rpc_error(error)
+        too_large = message_too_large(translated)
+        if too_large is not None:
+            details = f"{too_large.reason()} ({translated.details})"
+            return VisionServeError(translated.code, details)
+        return translated
     return VisionServeError(grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}")
 
 

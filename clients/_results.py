@@ -12,6 +12,8 @@ import numpy as np
 
 from visionserve.clients._dataset_iou import confusion_matrix, iou_from_confusion, nan_mean
 from visionserve.clients._render import decode_rgb, encode_png, overlay, overlay_size
+from visionserve.clients._types import decode_mask
+from visionserve.protos import visionserve_pb2 as pb
 from visionserve.server.atomic import write_atomic
 
 
@@ -57,6 +59,41 @@ def served_fields(mode: str, description: str, scale: float) -> dict[str, Any]:
         "served": description or mode,
         "scaled": mode == "scaled" or (mode == "resized" and scale < 1.0),
     }
+
+
+def served_record(
+    job: Job,
+    truth: np.ndarray | None,
+    response: pb.SegmentResponse,
+    num_classes: int,
+    ignore_index: int,
+    server_iou: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A server's answer -> (the mask, its record): how it was served, and with
+    ``server_iou`` the server's IoU counts checked against the record's."""
+    mask = decode_mask(response.mask)
+    record = build_record(job, mask, truth, num_classes, ignore_index)
+    if response.HasField("serving"):  # how the server served it (older servers: absent)
+        served = response.serving
+        record.update(served_fields(served.mode, served.description, served.scale))
+    if server_iou and truth is not None:
+        check_server_iou(record["confusion"], response)
+        record["server_checked"] = True  # the report claims the cross-check for these
+    return mask, record
+
+
+def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -> None:
+    """The server's per-class counts must be those of the returned mask's confusion matrix."""
+    intersection, union, _ = iou_from_confusion(np.asarray(confusion))
+    server_i = [int(c.intersection) for c in response.iou.classes]
+    server_u = [int(c.union) for c in response.iou.classes]
+    if server_i != intersection.tolist() or server_u != union.tolist():
+        raise ValueError(
+            f"the server's IoU counts (intersection {server_i}, union {server_u}) disagree with "
+            f"the confusion matrix of the returned mask (intersection {intersection.tolist()}, "
+            f"union {union.tolist()})"
+        )
+
 
 
 def write_outputs(
