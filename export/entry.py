@@ -98,13 +98,18 @@ def record_receptive_field(model_bytes: bytes, config: ModelConfig) -> tuple[Mod
 
 def finish_entry(model_bytes: bytes, config: ModelConfig, audit: AuditReport, reference: Reference,
                  inputs: dict[str, np.ndarray], *, repository: Path, version: int | None,
-                 tolerances: Tolerances, details: dict[str, Any]) -> dict[str, Any]:
+                 tolerances: Tolerances, details: dict[str, Any],
+                 mask_reference: bool = False) -> dict[str, Any]:
     """Validate ``model_bytes`` against ``reference``, choose the serving mode, write the entry.
+
+    ``mask_reference``: ``reference`` gives a segmenter's class-index mask, not its scores
+    (:func:`visionserve.export.validate.validate_onnx`).
 
     Returns the validation report (also ``validation.json``) with ``details`` merged in;
     raises :class:`ExportValidationError` (nothing written) when validation fails.
     """
-    report = validate_onnx(model_bytes, reference, config.task, inputs, tolerances=tolerances)
+    report = validate_onnx(model_bytes, reference, config.task, inputs, tolerances=tolerances,
+                           mask_reference=mask_reference)
     report["audit"] = audit.to_dict() | {"allowed_unsupported": not audit.ok}
     report.update(details)
     if not report["passed"]:

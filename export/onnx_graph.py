@@ -68,11 +68,14 @@ def _node(model: onnx.ModelProto, taken: set[str], op: str, inputs: list[str], o
     return out
 
 
-def pad_to_multiple(model: onnx.ModelProto, input_name: str, scores: str, multiple: int) -> str:
+def pad_to_multiple(model: onnx.ModelProto, input_name: str, scores: str, multiple: int, *,
+                    spatial_axes: tuple[int, int] = (2, 3)) -> str:
     """Pad the image input's bottom/right up to a multiple of ``multiple`` by repeating its
-    border (``Pad`` mode ``edge``, as exported segmenters pad) and crop ``scores`` (N, C, H, W)
-    back to the input's H, W; returns the name of the cropped scores (in place)."""
+    border (``Pad`` mode ``edge``, as exported segmenters pad) and crop ``scores`` (N, C, H, W;
+    or an index mask N, H, W with ``spatial_axes`` (1, 2)) back to the input's H, W; returns
+    the name of the cropped scores (in place)."""
     taken = tensor_names(model)
+    start = len(model.graph.node)
     inner = unique_name(taken, f"{input_name}/padded")
     for node in model.graph.node:
         node.input[:] = [inner if t == input_name else t for t in node.input]
@@ -84,12 +87,36 @@ def pad_to_multiple(model: onnx.ModelProto, input_name: str, scores: str, multip
     pads = _node(model, taken, "Concat", [_const(model, taken, "zeros", [0] * 6),
                                           _node(model, taken, "Sub", [padded, hw])], axis=0)
     _node(model, taken, "Pad", [input_name, pads], output=inner, mode="edge")
+    nodes = list(model.graph.node)  # the padding first, so the nodes stay topologically sorted
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[start:] + nodes[:start])
     return _node(model, taken, "Slice", [scores, _const(model, taken, "zero2", [0, 0]), hw,
-                                         _const(model, taken, "axes", [2, 3])])
+                                         _const(model, taken, "axes", list(spatial_axes))])
 
 
 def _value(name: str, elem_type: int, dims: list[int | str]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, dims)
+
+
+def uncast_index(model: onnx.ModelProto, mask: str) -> str:
+    """The ArgMax result that ``mask`` casts (``mask`` itself when it is not a Cast of one):
+    the imported mask is cast to uint8 once, as the graph's output, because TensorRT refuses
+    uint8 tensors inside a graph (a user's Cast to uint8 before a squeeze or a crop)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    cast = producers.get(mask)
+    if cast is not None and cast.op_type == "Cast":
+        source = producers.get(cast.input[0])
+        if source is not None and source.op_type in ("ArgMax", "ArgMin"):
+            return cast.input[0]
+    return mask
+
+
+def squeeze_class_axis(model: onnx.ModelProto, mask: str) -> str:
+    """``mask`` (N, 1, H, W) without its class axis: the name of the (N, H, W) tensor (in place)."""
+    taken = tensor_names(model)
+    if opset(model) >= 13:
+        return _node(model, taken, "Squeeze", [mask, _const(model, taken, "class_axis", [1])])
+    return _node(model, taken, "Squeeze", [mask], axes=[1])
 
 
 def fuse_outputs(model: onnx.ModelProto, task: str, scores: str, kind: str, dims: dict[str, int | str],
@@ -98,8 +125,10 @@ def fuse_outputs(model: onnx.ModelProto, task: str, scores: str, kind: str, dims
 
     Classification: ``probabilities`` (Softmax of logits, or the probabilities as they are)
     and, for logits, ``logits``. Segmentation: ``mask`` = uint8 ArgMax over classes, and
-    optionally ``probability`` (max class probability per pixel). ``dims``: batch, classes,
-    height, width (ints or names) of the declared output shapes.
+    optionally ``probability`` (max class probability per pixel); ``kind`` "mask": ``scores``
+    is a class-index mask already (N, H, W; any integer type), kept as the ``mask``, cast to
+    uint8 (no ``probability``: there are no scores). ``dims``: batch, classes, height, width
+    (ints or names) of the declared output shapes.
     """
     taken = tensor_names(model)
     n, c, h, w = dims["batch"], dims["classes"], dims["height"], dims["width"]
@@ -112,6 +141,11 @@ def fuse_outputs(model: onnx.ModelProto, task: str, scores: str, kind: str, dims
         else:
             _node(model, taken, "Identity", [scores], output="probabilities")
         outputs.append(_value("probabilities", TensorProto.FLOAT, [n, c]))
+    elif kind == "mask":
+        if with_probability:
+            raise ValueError("a class-index mask has no class scores to take a probability from")
+        _node(model, taken, "Cast", [scores], output="mask", to=TensorProto.UINT8)
+        outputs.append(_value("mask", TensorProto.UINT8, [n, h, w]))
     else:
         argmax = _node(model, taken, "ArgMax", [scores], axis=1, keepdims=0)
         _node(model, taken, "Cast", [argmax], output="mask", to=TensorProto.UINT8)

@@ -3,8 +3,9 @@
 ``import_onnx`` chains::
 
     load_original (onnx checker) -> graph_input (one float32 NCHW image input) -> choose_output
-    -> probe on ONNX Runtime (logits or probabilities, class count, size multiple)
-    -> fuse outputs (Softmax -> probabilities | ArgMax -> uint8 mask), pad to the multiple
+    -> probe on ONNX Runtime (logits, probabilities or a class-index mask; class count, size
+       multiple) -> fuse outputs (Softmax -> probabilities | ArgMax -> uint8 mask | the index
+       mask cast to uint8), pad to the multiple
     -> rewrite_pooling (TensorRT) -> check -> audit (op table + TensorRT-RTX build)
     -> validate against the original file on generated images -> serving mode -> entry
 
@@ -13,6 +14,12 @@ the graph's fixed size (or ``--input-size`` when H, W are dynamic); segmenters w
 H, W in ``pad`` mode (unless padding changes their masks, see :mod:`visionserve.export.entry`),
 fixed-size ones in ``resize`` mode. A graph with a fixed batch of 1 is served with
 ``max_batch_size`` 1, and the report says so.
+
+A segmenter whose chosen output is a class-index mask already (exported with
+``logits.argmax(1)``, maybe cast to another integer type) keeps it as its ``mask``: masks,
+IoU and tiling work, per-pixel scores do not exist; the report and ``model.yaml``'s
+``notes`` say so, and validation compares the masks pixel by pixel. A classifier's index
+output is refused: top-k and scores need its logits or probabilities.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +53,12 @@ from visionserve.export.onnx_graph import (
     opset,
     pad_to_multiple,
     prune,
+    squeeze_class_axis,
+    uncast_index,
 )
 from visionserve.export.pooling_rewrite import MIN_OPSET, rewrite_pooling
 from visionserve.export.validate import Tolerances, sample_inputs
-from visionserve.server.model_config import TASKS
+from visionserve.server.model_config import TASKS, check_class_count
 from visionserve.server.repository import check_model_name
 
 logger = logging.getLogger(__name__)
@@ -78,6 +88,19 @@ class ImportSpec:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if len(self.labels) < 2:
             raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
+        check_class_count(self.task, len(self.labels))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What running the original graph showed: ``kind`` of the chosen output ("logits",
+    "probabilities" or "mask": class indices), its ``dtype`` and ``rank``, and the H, W
+    ``multiple`` the graph needs."""
+
+    kind: str
+    dtype: str
+    rank: int
+    multiple: int
 
 
 @dataclass(frozen=True)
@@ -166,8 +189,28 @@ def choose_output(model: onnx.ModelProto, task: str, requested: str | None) -> s
                      f"{task} logits or probabilities {shape} with --output NAME")
 
 
+def _index_kind(indices: np.ndarray, task: str, classes: int, output: str) -> str:
+    """"mask" for a segmenter's class-index output; ``ValueError`` saying why not otherwise."""
+    found = f"output {output!r} gives {indices.dtype} {list(indices.shape)}"
+    if task == "classification":
+        raise ValueError(f"{found}: class indices (the graph ends in ArgMax); visionserve needs a "
+                         "classifier's logits or probabilities (N, classes) for its top-k and scores: "
+                         "re-export the model without the argmax, or pass --output with its logits output")
+    if not (indices.ndim == 3 or (indices.ndim == 4 and indices.shape[1] == 1)):
+        raise ValueError(f"{found}: integers, but neither a class-index mask (N, H, W) or (N, 1, H, W) "
+                         "nor logits (N, classes, H, W); pick the right output with --output NAME")
+    low, high = (int(indices.min()), int(indices.max())) if indices.size else (0, 0)
+    if low < 0 or high >= classes:
+        raise ValueError(f"{found} with class indices {low}..{high} on generated images, but --labels "
+                         f"lists {classes} classes (indices 0..{classes - 1}); expected every index a label")
+    return "mask"
+
+
 def score_kind(scores: np.ndarray, task: str, classes: int, output: str) -> str:
-    """"logits" or "probabilities" of the reference output, or ``ValueError`` saying why neither."""
+    """"logits" or "probabilities" of the reference output, "mask" for a segmenter's class
+    indices, or ``ValueError`` saying why none."""
+    if np.issubdtype(scores.dtype, np.integer):
+        return _index_kind(scores, task, classes, output)
     shape = "(N, classes)" if task == "classification" else "(N, classes, H, W)"
     if scores.ndim != _RANK[task] or not np.issubdtype(scores.dtype, np.floating):
         raise ValueError(f"output {output!r} gives {scores.dtype} {list(scores.shape)}: neither logits "
@@ -203,26 +246,32 @@ def padded_reference(session: ort.InferenceSession, inp: GraphInput, output: str
         if pad_h or pad_w:
             x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
         (scores,) = session.run([output], {inp.name: x})
-        return scores[..., :height, :width] if scores.ndim == 4 else scores
+        return scores[..., :height, :width] if scores.ndim >= 3 else scores
     return run
 
 
 def _probe(session: ort.InferenceSession, inp: GraphInput, output: str, spec: ImportSpec,
-           size: tuple[int, int]) -> tuple[str, int]:
-    """(score kind, size multiple) found by running the original graph."""
+           size: tuple[int, int]) -> Probe:
+    """What running the original graph shows (:class:`Probe`)."""
     x = np.random.default_rng(0).standard_normal((inp.batch or 2, 3, *size)).astype(np.float32)
     try:
         (scores,) = session.run([output], {inp.name: x})
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
         raise ValueError(f"the model failed on ONNX Runtime at {list(x.shape)}: {exc}") from exc
-    kind = score_kind(np.asarray(scores), spec.task, len(spec.labels), output)
+    scores = np.asarray(scores)
+    kind = score_kind(scores, spec.task, len(spec.labels), output)
+    if kind == "mask" and spec.with_probability:
+        raise ValueError(f"--with-probability needs class scores, but output {output!r} is a class-index "
+                         f"mask already ({scores.dtype}); drop --with-probability, or pass --output with "
+                         "the logits output (or re-export the model without the argmax)")
+    found = partial(Probe, kind, str(scores.dtype), scores.ndim)
     if spec.task == "classification" or inp.height is not None:
-        return kind, 1
+        return found(1)
 
     def run(height: int, width: int) -> tuple[int, ...]:
         probe = np.zeros((1, 3, height, width), np.float32)
         return tuple(session.run([output], {inp.name: probe})[0].shape)
-    return kind, find_size_multiple(run, "the imported segmenter")
+    return found(find_size_multiple(run, "the imported segmenter"))
 
 
 def _size(inp: GraphInput, spec: ImportSpec) -> tuple[int, int]:
@@ -239,20 +288,61 @@ def _size(inp: GraphInput, spec: ImportSpec) -> tuple[int, int]:
 
 
 def imported_graph(original: onnx.ModelProto, inp: GraphInput, output: str, spec: ImportSpec,
-                   kind: str, multiple: int) -> tuple[onnx.ModelProto, int]:
-    """The serving graph: fused outputs, padding to ``multiple``, pooling rewritten, checked."""
+                   probe: Probe) -> tuple[onnx.ModelProto, int]:
+    """The serving graph: fused outputs, padding to the multiple, pooling rewritten, checked."""
     model = onnx.ModelProto.FromString(original.SerializeToString())
     output = free_output_names(model, _FUSED).get(output, output)
-    if multiple > 1:
-        output = pad_to_multiple(model, inp.name, output, multiple)
+    if probe.kind == "mask":
+        output = uncast_index(model, output)
+    if probe.kind == "mask" and probe.rank == 4:
+        output = squeeze_class_axis(model, output)
+    if probe.multiple > 1:
+        axes = (1, 2) if probe.kind == "mask" else (2, 3)
+        output = pad_to_multiple(model, inp.name, output, probe.multiple, spatial_axes=axes)
     dims = {"batch": "batch" if inp.batch is None else 1, "classes": len(spec.labels),
             "height": inp.height or "height", "width": inp.width or "width"}
-    fuse_outputs(model, spec.task, output, kind, dims, with_probability=spec.with_probability)
+    fuse_outputs(model, spec.task, output, probe.kind, dims, with_probability=spec.with_probability)
     dropped = prune(model)
     if dropped:
         logger.info("dropped %d node(s) no served output needs", dropped)
     model, rewrites = rewrite_pooling(model, strict=False)
     return check_onnx(model), rewrites
+
+
+def import_notes(original: onnx.ModelProto, output: str, spec: ImportSpec, probe: Probe) -> list[str]:
+    """What the user should know about the imported model: which of several outputs it uses,
+    and what a model that outputs a mask already can and cannot do (printed by ``import`` and
+    kept as ``notes`` in ``model.yaml``)."""
+    notes = []
+    outputs = list(original.graph.output)
+    if len(outputs) > 1 and spec.output is None:
+        others = " or ".join(repr(o.name) for o in outputs if o.name != output)
+        notes.append(f"the model has {len(outputs)} outputs ({', '.join(map(_describe, outputs))}): "
+                     f"using {output!r} ({spec.task} {probe.kind}); pass --output NAME to use {others} "
+                     "instead")
+    if probe.kind == "mask":
+        cast = "" if probe.dtype == "uint8" else f", cast from {probe.dtype} to uint8 in the graph"
+        notes.append(f"output {output!r} is a class-index mask already (the graph ends in ArgMax): "
+                     f"served as the 'mask'{cast}. Masks, IoU against ground truth and tiling work; the "
+                     "model has no class scores, so no per-pixel probabilities or scores "
+                     "(--with-probability): re-export it without the argmax to have them")
+    return notes
+
+
+def _details(path: Path, original: onnx.ModelProto, output: str, spec: ImportSpec, probe: Probe,
+             inp: GraphInput, rewrites: int, notes: list[str]) -> dict[str, Any]:
+    """The import's own part of ``validation.json``."""
+    warnings = []
+    if inp.batch == 1:
+        warnings.append(f"input {inp.name!r} has a fixed batch of 1: served with max_batch_size 1 (no "
+                        "batching); re-export with a dynamic batch dimension to batch requests")
+    cast = f"{probe.dtype} -> uint8" if probe.kind == "mask" and probe.dtype != "uint8" else None
+    return {"source": {"onnx": str(path), "output": output, "output_kind": probe.kind,
+                       "output_dtype": probe.dtype, "original_opset": opset(original)},
+            "import": {"size_multiple": probe.multiple, "pooling_rewrites": rewrites,
+                       "softmax_added": spec.task == "classification" and probe.kind == "logits",
+                       "mask_cast": cast},
+            "warnings": warnings, "notes": notes}
 
 
 def import_onnx(path: Path, repository: Path, name: str, spec: ImportSpec, *, version: int | None = None,
@@ -270,8 +360,8 @@ def import_onnx(path: Path, repository: Path, name: str, spec: ImportSpec, *, ve
     output = choose_output(original, spec.task, spec.output)
     size = _size(inp, spec)
     session = _session(original)
-    kind, multiple = _probe(session, inp, output, spec, size)
-    model, rewrites = imported_graph(original, inp, output, spec, kind, multiple)
+    probe = _probe(session, inp, output, spec, size)
+    model, rewrites = imported_graph(original, inp, output, spec, probe)
     meta = {"task": spec.task, "labels": list(spec.labels),
             "input": {"height": size[0], "width": size[1], "mean": list(spec.mean), "std": list(spec.std),
                       "mode": spec.input_mode}}
@@ -279,24 +369,17 @@ def import_onnx(path: Path, repository: Path, name: str, spec: ImportSpec, *, ve
     config = model_config_from_metadata(name, meta, backends=backends or DEFAULT_BACKENDS,
                                         max_batch_size=batch, outputs=tuple(o.name for o in model.graph.output),
                                         fixed_size=inp.height is not None, fixed_batch=inp.batch == 1)
-    config = replace(config, input=replace(config.input, name=inp.name))
+    notes = import_notes(original, output, spec, probe)
+    config = replace(config, input=replace(config.input, name=inp.name), notes=tuple(notes))
     model_bytes = model.SerializeToString()
     audit = _audit_or_raise(model_bytes, config, options)
-    warnings = []
-    if inp.batch == 1:
-        warnings.append(f"input {inp.name!r} has a fixed batch of 1: served with max_batch_size 1 (no "
-                        "batching); re-export with a dynamic batch dimension to batch requests")
-    details = {"source": {"onnx": str(path), "output": output, "output_kind": kind,
-                          "original_opset": opset(original)},
-               "import": {"size_multiple": multiple, "pooling_rewrites": rewrites,
-                          "softmax_added": spec.task == "classification" and kind == "logits"},
-               "warnings": warnings}
     shapes: dict[str, Any] = {"sizes": ()} if inp.height is not None else {}
     if inp.batch == 1:
         shapes["batch_sizes"] = (1,)
     inputs = sample_inputs(meta, samples, **shapes)
-    report = finish_entry(model_bytes, config, audit, padded_reference(session, inp, output, multiple),
+    report = finish_entry(model_bytes, config, audit, padded_reference(session, inp, output, probe.multiple),
                           inputs, repository=Path(repository), version=version, tolerances=tolerances,
-                          details=details)
+                          details=_details(path, original, output, spec, probe, inp, rewrites, notes),
+                          mask_reference=probe.kind == "mask")
     report["audit_summary"] = audit_summary(audit)
     return report

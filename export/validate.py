@@ -235,16 +235,42 @@ def _segmentation_checks(got: dict[str, np.ndarray], logits: np.ndarray, tol: To
     if "logits" in got:
         check["outputs"]["logits"] = _float_error(got["logits"], logits, tol)
     mask, ref = got["mask"], logits.argmax(1).astype(np.uint8)
+    check["mask"] = _mask_shape_error(mask, ref) or (
+        _agreement(mask, ref, logits, tol) | mask_iou(mask, ref, logits.shape[1]))
+    return [check["mask"]["passed"]]
+
+
+def _mask_shape_error(mask: np.ndarray, ref: np.ndarray) -> dict[str, Any] | None:
     if mask.dtype != np.uint8 or mask.shape != ref.shape:
-        check["mask"] = {"passed": False, "error": f"mask {mask.dtype} {list(mask.shape)}, "
-                                                   f"expected uint8 {list(ref.shape)}"}
-    else:
-        check["mask"] = _agreement(mask, ref, logits, tol) | mask_iou(mask, ref, logits.shape[1])
+        return {"passed": False, "error": f"mask {mask.dtype} {list(mask.shape)}, expected uint8 "
+                                          f"{list(ref.shape)}"}
+    return None
+
+
+def _index_mask_checks(got: dict[str, np.ndarray], reference: np.ndarray, tol: Tolerances,
+                       check: dict[str, Any]) -> list[bool]:
+    """The reference gives a class-index mask itself (N, H, W or N, 1, H, W): no scores to
+    call a pixel ambiguous, every pixel is judged."""
+    ref = reference[:, 0] if reference.ndim == 4 else reference
+    if ref.size and (ref.min() < 0 or ref.max() > np.iinfo(np.uint8).max):
+        check["mask"] = {"passed": False, "error": f"reference class indices {int(ref.min())}.."
+                                                   f"{int(ref.max())} do not fit a uint8 mask"}
+        return [False]
+    mask, ref = got["mask"], ref.astype(np.uint8)
+    error = _mask_shape_error(mask, ref)
+    if error:
+        check["mask"] = error
+        return [False]
+    agreement = float((mask == ref).mean()) if ref.size else 1.0
+    classes = max(2, int(max(mask.max(initial=0), ref.max(initial=0))) + 1)
+    check["mask"] = {"agreement": agreement, "agreement_unambiguous": agreement, "ambiguous": 0,
+                     "total": int(ref.size), "passed": agreement >= tol.min_agreement,
+                     **mask_iou(mask, ref, classes)}
     return [check["mask"]["passed"]]
 
 
 def _check_batch(session: ort.InferenceSession, reference: Reference, task: str, x: np.ndarray,
-                 tol: Tolerances) -> dict[str, Any]:
+                 tol: Tolerances, mask_reference: bool = False) -> dict[str, Any]:
     check: dict[str, Any] = {"input_shape": list(x.shape), "outputs": {}}
     logits = np.asarray(reference(x))
     try:
@@ -252,7 +278,8 @@ def _check_batch(session: ort.InferenceSession, reference: Reference, task: str,
                        session.run(None, {session.get_inputs()[0].name: x})))
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
         return {**check, "passed": False, "error": f"ONNX Runtime failed on {list(x.shape)}: {exc}"}
-    check_outputs = _classification_checks if task == "classification" else _segmentation_checks
+    check_outputs = (_classification_checks if task == "classification" else
+                     _index_mask_checks if mask_reference else _segmentation_checks)
     parts = check_outputs(got, logits, tol, check)
     check["passed"] = all(parts) and all(o["passed"] for o in check["outputs"].values())
     return check
@@ -273,23 +300,27 @@ def versions() -> dict[str, str]:
 
 
 def validate_onnx(model_bytes: bytes, reference: nn.Module | Reference, task: str,
-                  inputs: dict[str, np.ndarray], *, tolerances: Tolerances | None = None) -> dict[str, Any]:
+                  inputs: dict[str, np.ndarray], *, tolerances: Tolerances | None = None,
+                  mask_reference: bool = False) -> dict[str, Any]:
     """Run ``model_bytes`` on ONNX Runtime (CPU) and ``reference``; the validation report.
 
     ``reference`` maps the image batch to the scores the graph post-processes (for segmenters
     at the input's H, W): a PyTorch module (called as is, so put it in eval mode first) or a
-    function of NumPy arrays.
+    function of NumPy arrays. ``mask_reference``: the reference of a segmenter gives its
+    class-index mask instead (an imported graph that ends in ArgMax); the masks are compared
+    pixel by pixel, there are no logits to compare.
     """
     tol = tolerances or Tolerances()
     if isinstance(reference, nn.Module):
         reference = torch_reference(reference)
-    runnable = expose_argmax_input(model_bytes) if task == "segmentation" else model_bytes
+    exposed = task == "segmentation" and not mask_reference
+    runnable = expose_argmax_input(model_bytes) if exposed else model_bytes
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(runnable, options, providers=["CPUExecutionProvider"])
     checks = []
     for name, x in inputs.items():
-        check = _check_batch(session, reference, task, x, tol)
+        check = _check_batch(session, reference, task, x, tol, mask_reference)
         checks.append({"name": name, **check})
         logger.info("validated %s: %s", name, "ok" if check["passed"] else "FAILED")
     proto = onnx.load_from_string(model_bytes)

@@ -17,6 +17,19 @@ from visionserve.server.atomic import write_atomic
 from visionserve.server.backends.registry import BACKEND_NAMES
 
 TASKS = ("classification", "segmentation")
+MAX_SEGMENTATION_CLASSES = 255  # masks are uint8 class indices
+
+
+def check_class_count(task: str, count: int) -> None:
+    """``ValueError`` unless ``count`` class names fit ``task`` (2 or more; a segmenter's
+    uint8 masks hold at most ``MAX_SEGMENTATION_CLASSES``)."""
+    if count < 2:
+        raise ValueError(f"labels needs at least 2 class names, got {count}")
+    if task == "segmentation" and count > MAX_SEGMENTATION_CLASSES:
+        raise ValueError(
+            f"segmentation masks are uint8: at most {MAX_SEGMENTATION_CLASSES} classes, "
+            f"got {count} labels"
+        )
 PRECISIONS = ("fp32", "fp16")
 # cuDNN's convolution algorithm choice on ONNX Runtime CUDA. EXHAUSTIVE benchmarks every
 # algorithm for every new input shape (0.3-1.3 s per shape, reported 634 ms against 1.9 ms
@@ -211,18 +224,20 @@ class ModelConfig:
     precision: str = "fp32"
     cudnn_conv_algo_search: str = "HEURISTIC"
     ignore_index: int = 255
+    # Free text for people reading model.yaml (e.g. what an imported model can and cannot
+    # do); the server does not read it.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         object.__setattr__(self, "backends", tuple(self.backends))
+        notes = (self.notes,) if isinstance(self.notes, str) else self.notes
+        object.__setattr__(self, "notes", tuple(str(x) for x in notes))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if len(self.labels) < 2:
             raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
-        if self.task == "segmentation" and len(self.labels) > 255:
-            raise ValueError(
-                f"segmentation masks are uint8: at most 255 classes, got {len(self.labels)}"
-            )
+        check_class_count(self.task, len(self.labels))
         needed = "mask" if self.task == "segmentation" else "probabilities"
         if needed not in self.outputs:
             raise ValueError(
@@ -323,6 +338,10 @@ class ModelConfig:
         data["input"]["buckets"] = list(self.input.buckets)
         if self.input.resize_size is None:  # resize_crop only: other entries stay as they were
             del data["input"]["resize_size"]
+        if self.notes:
+            data["notes"] = list(self.notes)
+        else:  # only models that say something carry the key
+            del data["notes"]
         data["profile"] = {
             k: (list(v) if v is not None else None) for k, v in data["profile"].items()
         }

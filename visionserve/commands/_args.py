@@ -29,10 +29,17 @@ def existing_dir(value: str) -> Path:
     return path
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a long a,b,c,... list is too long a file name
+        return False
+
+
 def labels(value: str) -> list[str]:
     """Class names: a file (one per line, or a JSON list) or a comma-separated list."""
     path = Path(value)
-    if path.is_file():
+    if _is_file(path):
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
             import json

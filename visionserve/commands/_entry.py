@@ -45,6 +45,8 @@ def write_entry(attempt: Callable[[], dict[str, Any]], repository: Path, name: s
         return 2
     print(format_report(report))
     print(report["audit_summary"])
+    for note in report.get("notes", []):
+        print(f"note: {note}")
     for warning in report.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     if report["audit"]["allowed_unsupported"]:

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trained) or resize_crop (short side to 256/224 of the size, centre crop, "
                              "as torchvision's eval transforms)")
     parser.add_argument("--output", default=None, metavar="NAME",
-                        help="the output with the logits or probabilities, when the model has several")
+                        help="the output with the logits or probabilities (segmenters: or a class-index "
+                             "mask, e.g. logits.argmax(1)), when the model has several")
     parser.add_argument("--version", type=positive_int, default=None, help="version number (default: next free)")
     parser.add_argument("--backends", default=export_command._DEFAULT_BACKENDS,
                         help=f"backend preference, comma-separated (default: {export_command._DEFAULT_BACKENDS})")
