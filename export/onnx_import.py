@@ -170,8 +170,9 @@ def graph_input(model: onnx.ModelProto) -> GraphInput:
 
 
 def choose_output(model: onnx.ModelProto, task: str, requested: str | None) -> str:
-    """The output holding the logits/probabilities: ``requested``, the only one, or the only
-    one of the task's rank; otherwise ``ValueError`` asking for ``--output``."""
+    """The output holding the logits/probabilities (or a segmenter's index mask): ``requested``,
+    the only one, or the only float one of the task's rank; otherwise ``ValueError`` asking for
+    ``--output``."""
     outputs = list(model.graph.output)
     names = ", ".join(map(_describe, outputs))
     if requested is not None:
