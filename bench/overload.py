@@ -153,13 +153,15 @@ async def served_latency(channel, method: str, requests: list[bytes], count: int
     return statistics.median(lat)
 
 
-async def closed_loop(channel, method: str, requests: list[bytes], clients: int, seconds: float) -> float:
+async def closed_loop(
+    channel, method: str, requests: list[bytes], clients: int, seconds: float
+) -> tuple[float, int]:
     """Answers/s with ``clients`` in flight (a client refused RESOURCE_EXHAUSTED by
     admission control, at its limit, retries 5 ms later: the model stays saturated)."""
     import grpc
 
     call = channel.unary_unary(method)
-    stop_at, counts = time.monotonic() + seconds, [0] * clients
+    stop_at, counts, refused = time.monotonic() + seconds, [0] * clients, [0]
 
     async def client(i: int) -> None:
         while time.monotonic() < stop_at:
@@ -168,13 +170,14 @@ async def closed_loop(channel, method: str, requests: list[bytes], clients: int,
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
+                refused[0] += 1
                 await asyncio.sleep(0.005)
                 continue
             counts[i] += 1
 
     start = time.monotonic()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    return sum(counts) / (time.monotonic() - start)
+    return sum(counts) / (time.monotonic() - start), refused[0]
 
 
 async def health_probe(channel, stop: asyncio.Event, every: float = 0.1) -> list[float]:
@@ -254,8 +257,10 @@ async def served_figures(address: str, method: str, requests: list[bytes], args)
 
     async with grpc.aio.insecure_channel(address) as channel:
         figures = {"p50_ms": await served_latency(channel, method, requests, args.latency_requests)}
-        capacity = await closed_loop(channel, method, requests, args.in_flight, args.capacity_seconds)
-        figures["capacity"] = capacity
+        capacity, refused = await closed_loop(
+            channel, method, requests, args.in_flight, args.capacity_seconds
+        )
+        figures.update(capacity=capacity, capacity_refused=refused)
         stop = asyncio.Event()
         probe = asyncio.ensure_future(health_probe(channel, stop))
         outcomes, offered = await open_loop(
@@ -277,7 +282,8 @@ def report(bare: dict, served: dict, streams: dict, args) -> None:
           f"batch {bare['batch']}: {bare['rate']:.1f} images/s")
     print(f"served (default settings, batching on): batch-1 p50 {served['p50_ms']:.2f} ms "
           f"(+{served['p50_ms'] - bare['p50_ms']:.2f} ms); {args.in_flight} in flight: "
-          f"{served['capacity']:.1f} images/s = {served['capacity'] / bare['rate']:.3f} of bare")
+          f"{served['capacity']:.1f} images/s = {served['capacity'] / bare['rate']:.3f} of bare "
+          f"({served['capacity_refused']} refused RESOURCE_EXHAUSTED and retried 5 ms later)")
     print(f"overload {args.factor:g}x for {args.seconds:g} s ({served['offered']:.1f} requests/s offered, "
           f"deadline {args.deadline_ms:g} ms): goodput {goodput:.1f}/s = "
           f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
