@@ -256,25 +256,9 @@ class ServedModel:
         """The whole walk from a coroutine: ``begin`` and ``finish`` in ``executor`` (the
         server's CPU pool), inference in the batcher's threads; the event loop only waits."""
         loop = asyncio.get_running_loop()
-        job, future, result = await loop.run_in_executor(
-            executor, self._begin_and_try, request, deadline
-        )
-        if result is not None:
-            return result
-        outputs = await wait_async(future, deadline)
+        job = await loop.run_in_executor(executor, self.begin, request)
+        outputs = await wait_async(self.submit_job(job, deadline), deadline)
         return await loop.run_in_executor(executor, self.finish, job, outputs)
-
-    def _begin_and_try(
-        self, request: Request, deadline: float | None
-    ) -> tuple[Job, Future, Result | None]:
-        """``begin``, then submit; when the model is idle the request runs at once in this
-        thread and is finished here too (one thread hop for a lone request instead of
-        three: loop -> worker -> batcher -> loop -> worker); else its pending future."""
-        job = self.begin(request)
-        future = self.submit_job(job, deadline, inline=True)
-        if future.done():
-            return job, future, self.finish(job, future.result())
-        return job, future, None
 
     async def infer_async(
         self, tensor: np.ndarray, deadline: float | None
