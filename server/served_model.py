@@ -130,6 +130,7 @@ class ServedModel:
             admission,
             instances=config.instances,
             max_batch_size=config.max_batch_size,
+            max_queue_size=config.max_queue_size,
             observer=observer,
         )
         self._in_flight = 0
