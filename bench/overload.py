@@ -6,10 +6,12 @@
 Against ``visionserve serve`` with its default settings (batching on: the model.yaml
 queue delay and batch size; admission control on), one process of grpc.aio clients:
 
-1. bare: decode + normalise + infer in this process, one image at a time (batch-1 p50)
-   and at the model's max batch size (images/s); the images are the workload's PNGs.
-2. served: batch-1 p50 of one client sending one PNG at a time (visionserve.v1), and
-   images/s with 32 requests in flight: the capacity.
+1. batch-1 p50 of decode + normalise + infer in this process (bare) and of one client
+   sending one PNG at a time (visionserve.v1), in interleaved rounds (bare, served, ...):
+   the machine's speed drifting hits both alike; the added latency is the median of the
+   rounds' differences.
+2. images/s: bare at the model's max batch size (before and after the served figure,
+   averaged) and served with 32 requests in flight: the capacity.
 3. overload: an open loop at ``--factor`` x capacity for ``--seconds``, each request with
    ``--deadline-ms``: goodput (answered OK within the deadline) / capacity, how the excess
    was refused (RESOURCE_EXHAUSTED, and how fast) or timed out; a health Check every 100 ms
@@ -98,33 +100,41 @@ def tiny_repository(directory: Path) -> Path:
 
 
 # -- bare: decode + normalise + infer in this process -------------------------------------------
-def bare_figures(repository: Path, model: str, images: list[bytes], args) -> dict[str, float]:
-    from visionserve.server.backends.registry import load_backend
-    from visionserve.server.codec import decode_image
-    from visionserve.server.preprocess import preprocess
-    from visionserve.server.repository import ModelRepository
+class Bare:
+    """The model's backend in this process: decode + normalise + infer, as the server does."""
 
-    entry = ModelRepository(repository).entry(model)
-    config = entry.config
-    backend = load_backend(entry, 0)
-    name = config.input.name
+    def __init__(self, repository: Path, model: str, images: list[bytes]) -> None:
+        from visionserve.server.backends.registry import load_backend
+        from visionserve.server.repository import ModelRepository
 
-    def tensor(data: bytes) -> np.ndarray:
-        return preprocess(decode_image(data, 40_000_000), config.input)[None]
+        entry = ModelRepository(repository).entry(model)
+        self.config, self.images = entry.config, images
+        self.backend = load_backend(entry, 0)
+        self.batch = self.config.max_batch_size
 
-    lat = []
-    for i in range(args.latency_requests):
-        start = time.perf_counter()
-        backend.infer({name: tensor(images[i % len(images)])})
-        lat.append((time.perf_counter() - start) * 1e3)
-    batch, count, start = config.max_batch_size, 0, time.perf_counter()
-    while time.perf_counter() - start < args.capacity_seconds:
-        rows = [tensor(images[(count + j) % len(images)]) for j in range(batch)]
-        backend.infer({name: np.concatenate(rows)})
-        count += batch
-    rate = count / (time.perf_counter() - start)
-    backend.close()
-    return {"p50_ms": statistics.median(lat), "rate": rate, "batch": batch}
+    def tensor(self, data: bytes) -> np.ndarray:
+        from visionserve.server.codec import decode_image
+        from visionserve.server.preprocess import preprocess
+
+        return preprocess(decode_image(data, 40_000_000), self.config.input)[None]
+
+    def latencies(self, count: int, first: int = 0) -> list[float]:
+        """Milliseconds of ``count`` single images, one after the other."""
+        name, lat = self.config.input.name, []
+        for i in range(first, first + count):
+            start = time.perf_counter()
+            self.backend.infer({name: self.tensor(self.images[i % len(self.images)])})
+            lat.append((time.perf_counter() - start) * 1e3)
+        return lat
+
+    def rate(self, seconds: float) -> float:
+        """Images/s at the model's max batch size."""
+        name, count, start = self.config.input.name, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            rows = [self.tensor(self.images[(count + j) % len(self.images)]) for j in range(self.batch)]
+            self.backend.infer({name: np.concatenate(rows)})
+            count += self.batch
+        return count / (time.perf_counter() - start)
 
 
 # -- served ----------------------------------------------------------------------------------------
@@ -141,16 +151,27 @@ def request_bytes(model: str, task: str, data: bytes) -> tuple[str, bytes]:
     ).SerializeToString()
 
 
-async def served_latency(channel, method: str, requests: list[bytes], count: int) -> float:
+async def latency_rounds(channel, method: str, requests: list[bytes], bare: Bare,
+                         count: int, rounds: int = 6) -> dict[str, float]:
+    """Batch-1 p50 of bare and served in interleaved blocks (bare, served, bare, ...), so
+    the machine's speed drifting during the run hits both alike; medians over the rounds."""
     call = channel.unary_unary(method)
     for data in requests[:10]:
         await call(data, timeout=60)
-    lat = []
-    for i in range(count):
-        start = time.perf_counter()
-        await call(requests[i % len(requests)], timeout=60)
-        lat.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(lat)
+    bare.latencies(10)
+    per = max(1, count // rounds)
+    bare_p50, served_p50 = [], []
+    for r in range(rounds):
+        bare_p50.append(statistics.median(bare.latencies(per, r * per)))
+        lat = []
+        for i in range(r * per, (r + 1) * per):
+            start = time.perf_counter()
+            await call(requests[i % len(requests)], timeout=60)
+            lat.append((time.perf_counter() - start) * 1e3)
+        served_p50.append(statistics.median(lat))
+    added = [s - b for s, b in zip(served_p50, bare_p50)]
+    return {"bare_p50_ms": statistics.median(bare_p50), "p50_ms": statistics.median(served_p50),
+            "added_ms": statistics.median(added), "added_range": (min(added), max(added))}
 
 
 async def closed_loop(
@@ -252,15 +273,18 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
             "all_s": time.perf_counter() - start, "health_max_s": max(checks or [0])}  # fmt: skip
 
 
-async def served_figures(address: str, method: str, requests: list[bytes], args) -> dict:
+async def served_figures(address: str, method: str, requests: list[bytes], bare: Bare, args) -> dict:
     import grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
-        figures = {"p50_ms": await served_latency(channel, method, requests, args.latency_requests)}
+        figures = await latency_rounds(channel, method, requests, bare, args.latency_requests)
+        before = bare.rate(args.capacity_seconds / 2)
         capacity, refused = await closed_loop(
             channel, method, requests, args.in_flight, args.capacity_seconds
         )
-        figures.update(capacity=capacity, capacity_refused=refused)
+        after = bare.rate(args.capacity_seconds / 2)
+        figures.update(capacity=capacity, capacity_refused=refused, bare_rate=(before + after) / 2,
+                       bare_rates=(before, after))
         stop = asyncio.Event()
         probe = asyncio.ensure_future(health_probe(channel, stop))
         outcomes, offered = await open_loop(
@@ -271,19 +295,22 @@ async def served_figures(address: str, method: str, requests: list[bytes], args)
     return figures
 
 
-def report(bare: dict, served: dict, streams: dict, args) -> None:
+def report(served: dict, streams: dict, args) -> None:
     pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
     outcomes = served["outcomes"]
     ok = [s for code, s in outcomes if code == "OK" and s <= args.deadline_ms / 1e3]
     shed = [s for code, s in outcomes if code == "RESOURCE_EXHAUSTED"]
     codes = {code: sum(1 for c, _ in outcomes if c == code) for code in {c for c, _ in outcomes}}
     goodput = len(ok) / args.seconds
-    print(f"bare (decode + normalise + infer, this process): batch-1 p50 {bare['p50_ms']:.2f} ms; "
-          f"batch {bare['batch']}: {bare['rate']:.1f} images/s")
-    print(f"served (default settings, batching on): batch-1 p50 {served['p50_ms']:.2f} ms "
-          f"(+{served['p50_ms'] - bare['p50_ms']:.2f} ms); {args.in_flight} in flight: "
-          f"{served['capacity']:.1f} images/s = {served['capacity'] / bare['rate']:.3f} of bare "
-          f"({served['capacity_refused']} refused RESOURCE_EXHAUSTED and retried 5 ms later)")
+    low, high = served["added_range"]
+    print(f"batch-1 p50, bare (decode + normalise + infer, this process) and served (default "
+          f"settings, batching on) in interleaved rounds: bare {served['bare_p50_ms']:.2f} ms, "
+          f"served {served['p50_ms']:.2f} ms, added {served['added_ms']:+.2f} ms (median of the "
+          f"rounds' differences; {low:+.2f} .. {high:+.2f})")
+    print(f"bare at batch {served['batch']}: {served['bare_rate']:.1f} images/s (before/after served: "
+          f"{served['bare_rates'][0]:.1f} / {served['bare_rates'][1]:.1f}); served, {args.in_flight} in "
+          f"flight: {served['capacity']:.1f} images/s = {served['capacity'] / served['bare_rate']:.3f} "
+          f"of bare ({served['capacity_refused']} refused RESOURCE_EXHAUSTED and retried 5 ms later)")
     print(f"overload {args.factor:g}x for {args.seconds:g} s ({served['offered']:.1f} requests/s offered, "
           f"deadline {args.deadline_ms:g} ms): goodput {goodput:.1f}/s = "
           f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
@@ -306,12 +333,13 @@ def main() -> int:
         task = ModelRepository(repository).entry(model).config.task
         print(f"model {model} ({task}), {len(images)} images of mean "
               f"{np.mean([len(i) for i in images]) / 1024:.0f} KiB")  # fmt: skip
-        bare = bare_figures(repository, model, images, args)
+        bare = Bare(repository, model, images)
         requests = [request_bytes(model, task, data)[1] for data in images]
         method = request_bytes(model, task, images[0])[0]
         process, port = start_server(repository)
         try:
-            served = asyncio.run(served_figures(f"127.0.0.1:{port}", method, requests, args))
+            served = asyncio.run(served_figures(f"127.0.0.1:{port}", method, requests, bare, args))
+            served["batch"] = bare.batch
         finally:
             process.terminate()
             process.wait(60)
@@ -321,7 +349,7 @@ def main() -> int:
         finally:
             process.terminate()
             process.wait(60)
-    report(bare, served, streams, args)
+    report(served, streams, args)
     return 0
 
 
