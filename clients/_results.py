@@ -95,7 +95,6 @@ def check_server_iou(confusion: list[list[int]], response: pb.SegmentResponse) -
         )
 
 
-
 def write_outputs(
     job: Job, mask: np.ndarray, record: dict[str, Any], out_root: Path, image: bytes
 ) -> dict[str, Any]:

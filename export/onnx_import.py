@@ -86,8 +86,6 @@ class ImportSpec:
             raise ValueError(f"input_mode must be 'resize' or 'resize_crop', got {self.input_mode!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if len(self.labels) < 2:
-            raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
         check_class_count(self.task, len(self.labels))
 
 

@@ -235,8 +235,6 @@ class ModelConfig:
         object.__setattr__(self, "notes", tuple(str(x) for x in notes))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if len(self.labels) < 2:
-            raise ValueError(f"labels needs at least 2 class names, got {list(self.labels)}")
         check_class_count(self.task, len(self.labels))
         needed = "mask" if self.task == "segmentation" else "probabilities"
         if needed not in self.outputs:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from visionserve.server.errors import ResourceExhausted
-from visionserve.server.model_config import InputSpec
+from visionserve.server.model_config import InputSpec, ReceptiveField
 
 DEFAULT_TILE_LIMIT = 512  # default tile: the largest bucket not above this
 UNKNOWN_STRIDE = 32  # tile alignment when model.yaml records no receptive field
@@ -133,7 +133,12 @@ def tile_margin(spec: InputSpec, tile: int) -> int:
     field, cap = spec.receptive_field, tile // 4
     if field is None:
         return cap
-    return min(cap, math.ceil(field.radius / field.stride) * field.stride)
+    return min(cap, exact_margin(field))
+
+
+def exact_margin(field: ReceptiveField) -> int:
+    """The smallest margin that makes tiles exact: the radius rounded up to the stride."""
+    return math.ceil(field.radius / field.stride) * field.stride
 
 
 def tiling_caveat(spec: InputSpec) -> str | None:
@@ -156,9 +161,8 @@ def tiling_caveat(spec: InputSpec) -> str | None:
     return (f"tiles of {tile}x{tile} overlap by {margin} px, less than the receptive field's "
             f"radius of {field.radius} px: masks of images larger than "
             f"{spec.buckets[-1]}x{spec.buckets[-1]} may differ from whole-image inference near "
-            f"tile seams; to make them exact set input.tile_margin: "
-            f"{math.ceil(field.radius / field.stride) * field.stride} (with input.tile_size well above "
-            f"twice that, e.g. {4 * math.ceil(field.radius / field.stride) * field.stride})")
+            f"tile seams; to make them exact set input.tile_margin: {exact_margin(field)} "
+            f"(with input.tile_size well above twice that, e.g. {4 * exact_margin(field)})")
 
 
 def tile_plan(height: int, width: int, spec: InputSpec) -> TilePlan:
