@@ -50,6 +50,10 @@ class TrainConfig:
     # classes by inverse square-root pixel frequency. None: the task's default.
     loss: str | None = None
     class_weighting: bool | None = None
+    # Segmentation only: train on random crop x crop windows of each image (a fully
+    # convolutional model; held-out evaluation sees whole images). 0: whole images.
+    # None: the task's default. Images not larger than the crop are used whole.
+    crop: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -66,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.task == "classification" and self.loss not in (None, "ce"):
             raise ValueError(f"loss {self.loss!r} is for segmentation; classification trains with 'ce'")
+        if self.crop is not None and self.crop < 0:
+            raise ValueError(f"crop must be >= 0 (0: whole images), got {self.crop}")
+        if self.task == "classification" and self.crop:
+            raise ValueError("crop is for segmentation; a classifier trains on whole images")
 
     @property
     def uses_masks(self) -> bool:
@@ -90,6 +98,10 @@ class TrainConfig:
     @property
     def resolved_class_weighting(self) -> bool:
         return DEFAULTS[self.task]["class_weighting"] if self.class_weighting is None else self.class_weighting
+
+    @property
+    def resolved_crop(self) -> int:
+        return DEFAULTS[self.task].get("crop", 0) if self.crop is None else self.crop
 
     @property
     def resolved_arch_kwargs(self) -> dict[str, Any]:
@@ -143,6 +155,28 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> 
     if images.shape[1] == images.shape[2] and torch.rand(1, generator=gen).item() < 0.5:
         images, masks = images.transpose(1, 2), masks.transpose(1, 2)
     return images.contiguous(), masks.contiguous()
+
+
+def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` x ``size`` window of each image (NHWC) and its mask (NHW), at a random place
+    per sample; an image not larger than ``size`` in both dimensions is returned whole."""
+    n, height, width = masks.shape
+    if not size or height <= size or width <= size:
+        return images, masks
+    tops = torch.randint(0, height - size + 1, (n,), generator=gen).tolist()
+    lefts = torch.randint(0, width - size + 1, (n,), generator=gen).tolist()
+    windows = [(slice(t, t + size), slice(x, x + size)) for t, x in zip(tops, lefts)]
+    return (torch.stack([images[i, rows, cols] for i, (rows, cols) in enumerate(windows)]),
+            torch.stack([masks[i, rows, cols] for i, (rows, cols) in enumerate(windows)]))
+
+
+def check_crop(model: nn.Module, crop: int) -> None:
+    """A crop the model cannot take (a UNet needs multiples of ``2 ** depth``) fails before training."""
+    multiple = getattr(model, "size_multiple", 1)
+    if crop and crop % multiple:
+        raise ValueError(f"crop {crop} is not a multiple of {multiple}, which this "
+                         f"{type(model).__name__} needs; use a multiple of {multiple} or 0 (whole images)")
 
 
 @torch.no_grad()
@@ -228,7 +262,7 @@ def _train_epoch(model: nn.Module, train: Arrays, config: TrainConfig, loss_fn: 
     total, batches = 0.0, 0
     for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
         idx = order[start:start + config.batch_size]
-        x, y_mask = augment(images[idx], masks[idx], gen)
+        x, y_mask = augment(*random_crop(images[idx], masks[idx], config.resolved_crop, gen), gen)
         logits = model(normalise(x, mean, std).contiguous(memory_format=torch.channels_last))
         target = labels[idx] if config.task == "classification" else y_mask.long()
         loss = loss_fn(logits, target)
@@ -258,6 +292,7 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
     # NHWC: oneDNN's convolutions run 20-30 % faster on CPUs (measured, README "Measured");
     # the checkpoint is written back in the default layout.
     model = model.to(memory_format=torch.channels_last)
+    check_crop(model, config.resolved_crop)
     aux = None
     if config.task == "classification" and config.aux_mask_weight > 0:
         sample = normalise(torch.from_numpy(train_data.images[:2]), IMAGENET_MEAN, IMAGENET_STD)
@@ -312,7 +347,7 @@ def _metadata(config: TrainConfig, labels: list[str], train_data: Arrays, val_co
     height, width = train_data.images.shape[1:3]
     resolved = {"epochs": config.resolved_epochs, "lr": config.resolved_lr,
                 "arch_kwargs": config.resolved_arch_kwargs, "loss": config.resolved_loss,
-                "class_weighting": config.resolved_class_weighting}
+                "class_weighting": config.resolved_class_weighting, "crop": config.resolved_crop}
     return {
         "architecture": config.architecture,
         "arch_kwargs": config.resolved_arch_kwargs,

@@ -23,6 +23,19 @@ def test_resnet_small_outputs_logits() -> None:
         assert model(torch.randn(2, 3, 96, 96)).shape == (2, 3)
 
 
+def test_resnet_small_width_scales_every_stage_and_keeps_the_module_names() -> None:
+    wide, narrow = build_model("resnet_small", num_classes=3), build_model("resnet_small", num_classes=3, width=16)
+    assert set(narrow.state_dict()) == set(wide.state_dict())  # checkpoints, export: same layout
+    assert narrow.conv1.out_channels == 16 and narrow.layer4[0].conv2.out_channels == 128
+    assert narrow.fc.in_features == 128
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 10
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 3, 70, 90)).shape == (2, 3)
+    for bad in (0, 12, -8):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            build_model("resnet_small", num_classes=3, width=bad)
+
+
 def test_resnet18_accepts_torchvision_weights() -> None:
     model = ARCHITECTURES["resnet18"](num_classes=10)
     model.load_state_dict(torchvision_resnet18(num_classes=10).state_dict(), strict=True)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 from visionserve.export.checkpoint import load_checkpoint
-from visionserve.export.train import TrainConfig, classes_below, evaluate, load_arrays, train
+from visionserve.export.train import (
+    TrainConfig,
+    classes_below,
+    evaluate,
+    load_arrays,
+    random_crop,
+    train,
+)
 
 
 def test_classifier_loss_decreases_and_checkpoint_loads(tmp_path: Path, small_data) -> None:
@@ -82,6 +89,39 @@ def test_config_checks() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(task="segmentation", batch_size=0)
     assert TrainConfig(task="segmentation").resolved_arch_kwargs == {"base_channels": 8, "depth": 4}
+    with pytest.raises(ValueError, match="crop must be >= 0"):
+        TrainConfig(task="segmentation", crop=-1)
+    with pytest.raises(ValueError, match="crop is for segmentation"):
+        TrainConfig(task="classification", crop=32)
+
+
+def test_random_crop_cuts_image_and_mask_at_the_same_place() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.arange(48).view(1, 48, 1).expand(6, 48, 40)
+    cols = torch.arange(40).view(1, 1, 40).expand(6, 48, 40)
+    images = torch.stack([rows, cols, rows + cols], dim=-1).to(torch.uint8)  # NHWC: position coded
+    masks = (rows * 2 + cols).to(torch.uint8)
+    x, y = random_crop(images, masks, 16, gen)
+    assert x.shape == (6, 16, 16, 3) and y.shape == (6, 16, 16)
+    assert torch.equal(y, x[..., 0] * 2 + x[..., 1])  # the mask window is the image window
+    tops = x[:, 0, 0, 0].tolist()
+    assert len(set(tops)) > 1 and all(0 <= t <= 48 - 16 for t in tops)  # a place per sample
+    assert torch.equal((x[:, 1:, :, 0] - x[:, :-1, :, 0]), torch.ones(6, 15, 16, dtype=torch.uint8))
+    whole = random_crop(images, masks, 40, gen)  # not larger than the crop in both: whole
+    assert whole[0] is images and whole[1] is masks
+    assert random_crop(images, masks, 0, gen)[0] is images
+
+
+def test_segmenter_trains_on_crops_and_is_evaluated_whole(tmp_path: Path, small_data) -> None:
+    train_dir, val_dir = small_data
+    config = TrainConfig(task="segmentation", epochs=1, batch_size=16, crop=32,
+                         arch_kwargs={"base_channels": 4, "depth": 3})
+    metadata = train(config, train_dir, val_dir, tmp_path / "ckpt")
+    assert metadata["input"]["height"] == 64  # the model is served on whole images
+    assert metadata["metrics"]["config"]["crop"] == 32
+    with pytest.raises(ValueError, match="crop 20 is not a multiple of 8"):
+        train(TrainConfig(task="segmentation", epochs=1, batch_size=16, crop=20,
+                          arch_kwargs={"base_channels": 4, "depth": 3}), train_dir, val_dir, tmp_path / "b")
 
 
 def test_too_small_data_set_is_refused(tmp_path: Path, small_data) -> None:

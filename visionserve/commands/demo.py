@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import socket
@@ -43,6 +44,22 @@ def _step(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def _step_beside(args: tuple[str, ...], foreground: tuple[str, ...]) -> None:
+    """Run a short single-threaded step in the background while ``foreground`` runs (the
+    other core is otherwise idle); its output (no progress bar) is shown once both have ended."""
+    print(f"\n$ visionserve {shlex.join(args)} &", flush=True)
+    command = [sys.executable, "-m", "visionserve.cli", *args]
+    background = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        _step(*foreground)
+    finally:
+        output, _ = background.communicate()
+    print(output, end="", flush=True)
+    if background.returncode:
+        raise subprocess.CalledProcessError(background.returncode, command)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,8 +68,8 @@ def _free_port() -> int:
 
 def _train_and_export(work: Path, quick: bool, floor: float) -> None:
     counts = ("64", "32") if quick else ("3000", "300")
-    _step("generate", "--out", str(work / "data/train"), "--count", counts[0], "--seed", "0")
-    _step("generate", "--out", str(work / "data/val"), "--count", counts[1], "--seed", "1")
+    _step_beside(("generate", "--out", str(work / "data/val"), "--count", counts[1], "--seed", "1"),
+                 ("generate", "--out", str(work / "data/train"), "--count", counts[0], "--seed", "0"))
     extra = ["--epochs", "1"] if quick else []
     for task, name in (("classification", CLASSIFIER), ("segmentation", SEGMENTER)):
         ckpt = work / "checkpoints" / name

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
                         help="segmentation: weigh cross-entropy by inverse square-root class pixel "
                              f"frequency (default: {'on' if DEFAULTS['segmentation']['class_weighting'] else 'off'})")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="segmentation: train on random CROP x CROP windows of each image (held-out "
+                             "evaluation sees whole images; 0 = whole images; default: "
+                             f"{DEFAULTS['segmentation']['crop']})")
     parser.add_argument("--min-class-iou", type=float, default=DEFAULT_MIN_CLASS_IOU,
                         help="segmentation quality floor: exit 1, naming the class, when any class's "
                              "held-out IoU ends below it; the checkpoint is still written "
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, threads=args.threads, arch_kwargs=args.arch_kwargs,
                          aux_mask_weight=args.aux_mask_weight, loss=args.loss,
-                         class_weighting=args.class_weighting)
+                         class_weighting=args.class_weighting, crop=args.crop)
 
     def show(record: dict) -> None:
         metric = (f"accuracy {record['accuracy']:.4f}" if "accuracy" in record
