@@ -197,6 +197,10 @@ class Batcher:
         """Requests waiting (approximate)."""
         return self._queue.qsize()
 
+    def idle(self) -> bool:
+        """Nothing waiting and no batch running (a hint: read without a lock)."""
+        return self._running == 0 and self._queue.empty()
+
     def submit(
         self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
     ) -> Future:

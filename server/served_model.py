@@ -42,7 +42,6 @@ from visionserve.server.iou import compute_iou
 from visionserve.server.model_config import ModelConfig
 from visionserve.server.postprocess import mask_to_image, top_k
 from visionserve.server.preprocess import layout, preprocess
-from visionserve.server.repository import ModelEntry
 from visionserve.server.requests import (
     ClassifyInput,
     ClassifyResult,
@@ -244,22 +243,59 @@ class ServedModel:
         """``run_async`` admitted first (``admission.Admission``): refused at once when
         the model is full or the deadline cannot be met, or, with ``wait``, queued for a
         slot, taking turns with other streams (``key``: the stream). What the servicers
-        call."""
+        call.
+
+        A request alone on an idle model (the only one admitted, nothing queued or running)
+        walks in one worker thread, inference included (``_walk_alone``): two thread
+        switches instead of six, measured 0.7-1.0 ms instead of 1.0-3.7 ms for a tiny model
+        on 2 cores. Any other request is batched."""
         await self._admit(deadline, wait, key)
         try:
-            return await self.run_async(request, deadline, executor)
+            alone = self.admission.admitted == 1 and self._batcher.idle()
+            return await self.run_async(request, deadline, executor, alone=alone)
         finally:
             self.admission.release()
 
     async def run_async(
-        self, request: Request, deadline: float | None, executor: Executor | None = None
+        self,
+        request: Request,
+        deadline: float | None,
+        executor: Executor | None = None,
+        *,
+        alone: bool = False,
     ) -> Result:
         """The whole walk from a coroutine: ``begin`` and ``finish`` in ``executor`` (the
-        server's CPU pool), inference in the batcher's threads; the event loop only waits."""
+        server's CPU pool), inference in the batcher's threads; the event loop only waits.
+        ``alone``: try the walk in one worker thread first (``_walk_alone``)."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(executor, self.begin, request)
-        outputs = await wait_async(self.submit_job(job, deadline), deadline)
+        future: Future | None = None
+        if alone:
+            job, future, result = await loop.run_in_executor(
+                executor, self._walk_alone, request, deadline
+            )
+            if result is not None:
+                return result
+        else:
+            job = await loop.run_in_executor(executor, self.begin, request)
+        if future is None:
+            future = self.submit_job(job, deadline)
+        outputs = await wait_async(future, deadline)
         return await loop.run_in_executor(executor, self.finish, job, outputs)
+
+    def _walk_alone(
+        self, request: Request, deadline: float | None
+    ) -> tuple[Job, Future | None, Result | None]:
+        """``begin``; a one-tensor job then runs in this thread while the batcher is still
+        idle and is finished here too (the result). Otherwise the job goes back to the event
+        loop to be waited for there, never blocking this worker: with its pending future (the
+        batcher was busy by then), or with none (tiles: the loop submits them as usual)."""
+        job = self.begin(request)
+        if job.tensor is None:
+            return job, None, None
+        future = self.submit(job.tensor, deadline, inline=True)
+        if not future.done():
+            return job, future, None
+        return job, future, self.finish(job, future.result())
 
     async def infer_async(
         self, tensor: np.ndarray, deadline: float | None
