@@ -22,9 +22,15 @@ DEFAULT_MIN_CLASS_IOU = 0.5
 # demo: triangle 0.000 on another CPU (issue #12). 6 epochs: more steps, within the demo's budget;
 # 4 epochs left the triangle at 0.295 (seed 0, 2 threads). Training on random 64x64 crops ("crop")
 # halves a step but the shapes lose context: triangle 0.120 after 6 epochs (2026-12-03).
+# Progressive resizing ("coarse_epochs": the first epochs on images downsampled 2x, a quarter of
+# the compute) keeps the context: seed 0, 1 thread, 6 epochs of which 3 coarse: mIoU 0.956,
+# triangle 0.920; 4 coarse: 0.940, triangle 0.886; 4 coarse of 7: 0.955, 0.927 (all full: 0.953,
+# 0.913). 4 of 6: the demo's segmenter in about half the time; its spread: README "Measured".
+# For the classifier 3 coarse of 6 cost accuracy (0.923 vs 0.970), so it trains at full size.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"epochs": 6, "lr": 3e-3, "arch_kwargs": {"width": 32}, "loss": "ce",
-                       "class_weighting": False},
+                       "class_weighting": False, "coarse_epochs": 0},
     "segmentation": {"epochs": 6, "lr": 5e-3, "arch_kwargs": {"base_channels": 8, "depth": 4},
-                     "loss": "ce+soft-iou", "class_weighting": True, "crop": 0},
+                     "loss": "ce+soft-iou", "class_weighting": True, "crop": 0,
+                     "coarse_epochs": 4},
 }

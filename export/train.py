@@ -54,6 +54,10 @@ class TrainConfig:
     # convolutional model; held-out evaluation sees whole images). 0: whole images.
     # None: the task's default. Images not larger than the crop are used whole.
     crop: int | None = None
+    # The first ``coarse_epochs`` epochs train on images downsampled 2x (area; masks: every
+    # second pixel): a quarter of the compute per step, the shapes' context kept (progressive
+    # resizing). At least the last epoch is at full size. None: the task's default.
+    coarse_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -74,6 +78,9 @@ class TrainConfig:
             raise ValueError(f"crop must be >= 0 (0: whole images), got {self.crop}")
         if self.task == "classification" and self.crop:
             raise ValueError("crop is for segmentation; a classifier trains on whole images")
+        if not 0 <= self.resolved_coarse_epochs < self.resolved_epochs:
+            raise ValueError(f"coarse_epochs must be >= 0 and below the epochs ({self.resolved_epochs}): "
+                             f"at least the last epoch trains at full size, got {self.resolved_coarse_epochs}")
 
     @property
     def uses_masks(self) -> bool:
@@ -98,6 +105,14 @@ class TrainConfig:
     @property
     def resolved_class_weighting(self) -> bool:
         return DEFAULTS[self.task]["class_weighting"] if self.class_weighting is None else self.class_weighting
+
+    @property
+    def resolved_coarse_epochs(self) -> int:
+        """As given; by default the recipe's, but leaving at least two full-size epochs
+        when fewer epochs than the recipe's are asked for (``--epochs 1``: none)."""
+        if self.coarse_epochs is not None:
+            return self.coarse_epochs
+        return max(0, min(DEFAULTS[self.task].get("coarse_epochs", 0), self.resolved_epochs - 2))
 
     @property
     def resolved_crop(self) -> int:
@@ -169,6 +184,12 @@ def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int,
     windows = [(slice(t, t + size), slice(x, x + size)) for t, x in zip(tops, lefts)]
     return (torch.stack([images[i, rows, cols] for i, (rows, cols) in enumerate(windows)]),
             torch.stack([masks[i, rows, cols] for i, (rows, cols) in enumerate(windows)]))
+
+
+def coarse_fits(model: nn.Module, height: int, width: int) -> bool:
+    """Whether images downsampled 2x still fit the model (a UNet: multiples of ``2 ** depth``)."""
+    multiple = getattr(model, "size_multiple", 1)
+    return all(side % 2 == 0 and (side // 2) % multiple == 0 for side in (height, width))
 
 
 def check_crop(model: nn.Module, crop: int) -> None:
@@ -254,7 +275,7 @@ def _loss_function(config: TrainConfig, train: Arrays) -> Loss:
 
 def _train_epoch(model: nn.Module, train: Arrays, config: TrainConfig, loss_fn: Loss,
                  optimiser: torch.optim.Optimizer, scheduler: Any, gen: torch.Generator, mean: tuple,
-                 std: tuple, aux: AuxiliaryMaskHead | None = None) -> float:
+                 std: tuple, aux: AuxiliaryMaskHead | None = None, coarse: bool = False) -> float:
     model.train()
     order = torch.randperm(len(train.images), generator=gen)
     images, masks = torch.from_numpy(train.images), torch.from_numpy(train.masks)
@@ -263,7 +284,10 @@ def _train_epoch(model: nn.Module, train: Arrays, config: TrainConfig, loss_fn: 
     for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
         idx = order[start:start + config.batch_size]
         x, y_mask = augment(*random_crop(images[idx], masks[idx], config.resolved_crop, gen), gen)
-        logits = model(normalise(x, mean, std).contiguous(memory_format=torch.channels_last))
+        x = normalise(x, mean, std)
+        if coarse:
+            x, y_mask = nn.functional.avg_pool2d(x, 2), y_mask[:, ::2, ::2].contiguous()
+        logits = model(x.contiguous(memory_format=torch.channels_last))
         target = labels[idx] if config.task == "classification" else y_mask.long()
         loss = loss_fn(logits, target)
         if aux is not None:
@@ -298,6 +322,11 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
         sample = normalise(torch.from_numpy(train_data.images[:2]), IMAGENET_MEAN, IMAGENET_STD)
         aux = AuxiliaryMaskHead(model, len(train_data.classes["segmentation"]), sample)
     epochs = config.resolved_epochs
+    coarse_epochs = config.resolved_coarse_epochs
+    if coarse_epochs and not coarse_fits(model, *train_data.images.shape[1:3]):
+        logger.warning("training at full size from the first epoch: %dx%d images downsampled 2x do not "
+                       "fit %s", *train_data.images.shape[1:3], type(model).__name__)
+        coarse_epochs = 0
     steps = epochs * (len(train_data.images) // config.batch_size)
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimiser = torch.optim.AdamW(params, lr=config.resolved_lr, weight_decay=config.weight_decay)
@@ -306,8 +335,9 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
     loss_fn = _loss_function(config, train_data)
     history, started = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
+        coarse = epoch <= coarse_epochs
         loss = _train_epoch(model, train_data, config, loss_fn, optimiser, scheduler, gen, IMAGENET_MEAN,
-                            IMAGENET_STD, aux)
+                            IMAGENET_STD, aux, coarse)
         metrics = evaluate(model, val_data, config.task, IMAGENET_MEAN, IMAGENET_STD)
         record = {"epoch": epoch, "loss": loss, **metrics, "seconds": time.perf_counter() - started}
         history.append(record)
@@ -347,7 +377,8 @@ def _metadata(config: TrainConfig, labels: list[str], train_data: Arrays, val_co
     height, width = train_data.images.shape[1:3]
     resolved = {"epochs": config.resolved_epochs, "lr": config.resolved_lr,
                 "arch_kwargs": config.resolved_arch_kwargs, "loss": config.resolved_loss,
-                "class_weighting": config.resolved_class_weighting, "crop": config.resolved_crop}
+                "class_weighting": config.resolved_class_weighting, "crop": config.resolved_crop,
+                "coarse_epochs": config.resolved_coarse_epochs}
     return {
         "architecture": config.architecture,
         "arch_kwargs": config.resolved_arch_kwargs,

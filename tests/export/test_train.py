@@ -95,6 +95,47 @@ def test_config_checks() -> None:
         TrainConfig(task="classification", crop=32)
 
 
+def test_coarse_epochs_are_checked_and_fit_the_model() -> None:
+    from visionserve.export.models import build_model
+    from visionserve.export.train import coarse_fits
+
+    with pytest.raises(ValueError, match="coarse_epochs must be >= 0 and below the epochs"):
+        TrainConfig(task="segmentation", epochs=3, coarse_epochs=3)
+    with pytest.raises(ValueError, match="coarse_epochs"):
+        TrainConfig(task="segmentation", coarse_epochs=-1)
+    recipe = TrainConfig(task="segmentation").resolved_coarse_epochs
+    assert 0 < recipe < TrainConfig(task="segmentation").resolved_epochs
+    assert TrainConfig(task="segmentation", epochs=1).resolved_coarse_epochs == 0  # demo --quick
+    assert TrainConfig(task="segmentation", epochs=recipe + 1).resolved_coarse_epochs == recipe - 1
+    assert TrainConfig(task="segmentation", epochs=40).resolved_coarse_epochs == recipe
+    unet = build_model("unet", num_classes=4, base_channels=4, depth=4)  # multiples of 16
+    assert coarse_fits(unet, 96, 64) and not coarse_fits(unet, 80, 96) and not coarse_fits(unet, 96, 48)
+    assert coarse_fits(build_model("resnet_small", num_classes=3, width=8), 33 * 2, 70)
+
+
+def test_coarse_epochs_train_at_half_size_then_full(tmp_path: Path, small_data) -> None:
+    train_dir, val_dir = small_data
+    model_inputs: list[tuple[int, ...]] = []
+    config = TrainConfig(task="segmentation", epochs=2, coarse_epochs=1, batch_size=16,
+                         arch_kwargs={"base_channels": 4, "depth": 3})
+
+    from visionserve.export.models.unet import UNet
+
+    def record(module, inputs, _output):  # type: ignore[no-untyped-def]
+        if isinstance(module, UNet) and module.training:
+            model_inputs.append(tuple(inputs[0].shape[-2:]))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        metadata = train(config, train_dir, val_dir, tmp_path / "ckpt")
+    finally:
+        hook.remove()
+    steps = len(model_inputs) // 2
+    assert model_inputs[:steps] == [(32, 32)] * steps and model_inputs[steps:] == [(64, 64)] * steps
+    assert metadata["metrics"]["config"]["coarse_epochs"] == 1
+    assert metadata["input"]["height"] == 64
+
+
 def test_random_crop_cuts_image_and_mask_at_the_same_place() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = torch.arange(48).view(1, 48, 1).expand(6, 48, 40)

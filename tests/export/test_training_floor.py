@@ -1,4 +1,4 @@
-"""The default segmentation recipe (loss, learning rate, schedule, width) learns every class:
+"""The default segmentation recipe (loss, learning rate, schedule, coarse epochs, width) learns every class:
 trained twice (two seeds, two torch thread counts: different float order, as on another
 CPU), every class's held-out IoU ends above the quality floor of ``train`` and ``demo``.
 

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="segmentation: train on random CROP x CROP windows of each image (held-out "
                              "evaluation sees whole images; 0 = whole images; default: "
                              f"{DEFAULTS['segmentation']['crop']})")
+    parser.add_argument("--coarse-epochs", type=int, default=None,
+                        help="train the first N epochs on images downsampled 2x (progressive resizing: a "
+                             "quarter of the compute per step; the last epoch is always at full size; "
+                             f"default: {_by_task('coarse_epochs')}, leaving at least two full-size epochs "
+                             "when --epochs is lower than the default)")
     parser.add_argument("--min-class-iou", type=float, default=DEFAULT_MIN_CLASS_IOU,
                         help="segmentation quality floor: exit 1, naming the class, when any class's "
                              "held-out IoU ends below it; the checkpoint is still written "
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, threads=args.threads, arch_kwargs=args.arch_kwargs,
                          aux_mask_weight=args.aux_mask_weight, loss=args.loss,
-                         class_weighting=args.class_weighting, crop=args.crop)
+                         class_weighting=args.class_weighting, crop=args.crop,
+                         coarse_epochs=args.coarse_epochs)
 
     def show(record: dict) -> None:
         metric = (f"accuracy {record['accuracy']:.4f}" if "accuracy" in record
