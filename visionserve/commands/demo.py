@@ -45,8 +45,8 @@ def _step(*args: str) -> None:
 
 
 def _step_beside(args: tuple[str, ...], foreground: tuple[str, ...]) -> None:
-    """Run a short single-threaded step in the background while ``foreground`` runs (the
-    other core is otherwise idle); its output (no progress bar) is shown once both have ended."""
+    """Run ``args`` in the background while ``foreground`` runs (each on its share of the
+    cores); the background step's output (no progress bar) is shown once both have ended."""
     print(f"\n$ visionserve {shlex.join(args)} &", flush=True)
     command = [sys.executable, "-m", "visionserve.cli", *args]
     background = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -55,9 +55,16 @@ def _step_beside(args: tuple[str, ...], foreground: tuple[str, ...]) -> None:
         _step(*foreground)
     finally:
         output, _ = background.communicate()
-    print(output, end="", flush=True)
+        print(f"\n(output of `visionserve {args[0]} {shlex.join(args[1:3])} ... &`)\n{output}", end="", flush=True)
     if background.returncode:
         raise subprocess.CalledProcessError(background.returncode, command)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:
@@ -71,10 +78,16 @@ def _train_and_export(work: Path, quick: bool, floor: float) -> None:
     _step_beside(("generate", "--out", str(work / "data/val"), "--count", counts[1], "--seed", "1"),
                  ("generate", "--out", str(work / "data/train"), "--count", counts[0], "--seed", "0"))
     extra = ["--epochs", "1"] if quick else []
-    for task, name in (("classification", CLASSIFIER), ("segmentation", SEGMENTER)):
-        ckpt = work / "checkpoints" / name
-        _step("train", "--task", task, "--data", str(work / "data/train"), "--val", str(work / "data/val"),
-              "--out", str(ckpt), *extra, *(["--min-class-iou", str(floor)] if task == "segmentation" else []))
+    data = ("--data", str(work / "data/train"), "--val", str(work / "data/val"))
+    checkpoints = {name: work / "checkpoints" / name for name in (CLASSIFIER, SEGMENTER)}
+    cores = _cores()
+    # The two trainings run side by side on half the cores each: a small model's training
+    # gains only ~1.3x from a second thread, so two at once end sooner than one after the other.
+    _step_beside(("train", "--task", "classification", *data, "--out", str(checkpoints[CLASSIFIER]),
+                  "--threads", str(max(1, cores // 2)), *extra),
+                 ("train", "--task", "segmentation", *data, "--out", str(checkpoints[SEGMENTER]),
+                  "--threads", str(max(1, cores - cores // 2)), *extra, "--min-class-iou", str(floor)))
+    for name, ckpt in checkpoints.items():
         _step("export", "--checkpoint", str(ckpt / "model.pth"), "--repository", str(work / "models"),
               "--name", name, "--version", "1", *([] if not quick else ["--samples", str(work / "data/val/images")]))
 
