@@ -186,15 +186,19 @@ def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int,
             torch.stack([masks[i, rows, cols] for i, (rows, cols) in enumerate(windows)]))
 
 
+def _size_multiple(model: nn.Module) -> int:
+    """Input sides must be multiples of this (a UNet: ``2 ** depth``; 1 for models without the rule)."""
+    return getattr(model, "size_multiple", 1)
+
+
 def coarse_fits(model: nn.Module, height: int, width: int) -> bool:
-    """Whether images downsampled 2x still fit the model (a UNet: multiples of ``2 ** depth``)."""
-    multiple = getattr(model, "size_multiple", 1)
-    return all(side % 2 == 0 and (side // 2) % multiple == 0 for side in (height, width))
+    """Whether images downsampled 2x still fit the model."""
+    return all(side % 2 == 0 and (side // 2) % _size_multiple(model) == 0 for side in (height, width))
 
 
 def check_crop(model: nn.Module, crop: int) -> None:
-    """A crop the model cannot take (a UNet needs multiples of ``2 ** depth``) fails before training."""
-    multiple = getattr(model, "size_multiple", 1)
+    """A crop the model cannot take fails before training."""
+    multiple = _size_multiple(model)
     if crop and crop % multiple:
         raise ValueError(f"crop {crop} is not a multiple of {multiple}, which this "
                          f"{type(model).__name__} needs; use a multiple of {multiple} or 0 (whole images)")
@@ -280,10 +284,10 @@ def _train_epoch(model: nn.Module, train: Arrays, config: TrainConfig, loss_fn: 
     order = torch.randperm(len(train.images), generator=gen)
     images, masks = torch.from_numpy(train.images), torch.from_numpy(train.masks)
     labels = torch.from_numpy(train.labels)
-    total, batches = 0.0, 0
+    total, batches, crop = 0.0, 0, config.resolved_crop
     for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
         idx = order[start:start + config.batch_size]
-        x, y_mask = augment(*random_crop(images[idx], masks[idx], config.resolved_crop, gen), gen)
+        x, y_mask = augment(*random_crop(images[idx], masks[idx], crop, gen), gen)
         x = normalise(x, mean, std)
         if coarse:
             x, y_mask = nn.functional.avg_pool2d(x, 2), y_mask[:, ::2, ::2].contiguous()
@@ -322,11 +326,7 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
         sample = normalise(torch.from_numpy(train_data.images[:2]), IMAGENET_MEAN, IMAGENET_STD)
         aux = AuxiliaryMaskHead(model, len(train_data.classes["segmentation"]), sample)
     epochs = config.resolved_epochs
-    coarse_epochs = config.resolved_coarse_epochs
-    if coarse_epochs and not coarse_fits(model, *train_data.images.shape[1:3]):
-        logger.warning("training at full size from the first epoch: %dx%d images downsampled 2x do not "
-                       "fit %s", *train_data.images.shape[1:3], type(model).__name__)
-        coarse_epochs = 0
+    coarse_epochs = _coarse_epochs(config, model, train_data)
     steps = epochs * (len(train_data.images) // config.batch_size)
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimiser = torch.optim.AdamW(params, lr=config.resolved_lr, weight_decay=config.weight_decay)
@@ -352,13 +352,24 @@ def train(config: TrainConfig, train_dir: Path, val_dir: Path, out_dir: Path,
         aux.remove()
     model = model.to(memory_format=torch.contiguous_format)
     metadata = _metadata(config, labels, train_data, len(val_data.images), history,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, coarse_epochs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pth")
     write_metadata(out_dir / "model.json", metadata)
     logger.info("wrote %s and model.json (%.0f s)", out_dir / "model.pth", metadata["metrics"]["train_seconds"])
     return metadata
+
+
+def _coarse_epochs(config: TrainConfig, model: nn.Module, train_data: Arrays) -> int:
+    """The coarse epochs this training runs: the config's, or none (with a warning) when the
+    images downsampled 2x would not fit the model."""
+    height, width = train_data.images.shape[1:3]
+    if config.resolved_coarse_epochs and not coarse_fits(model, height, width):
+        logger.warning("training at full size from the first epoch: %dx%d images downsampled 2x do not "
+                       "fit %s", height, width, type(model).__name__)
+        return 0
+    return config.resolved_coarse_epochs
 
 
 def _load_pair(config: TrainConfig, train_dir: Path, val_dir: Path) -> tuple[Arrays, Arrays]:
@@ -373,12 +384,12 @@ def _load_pair(config: TrainConfig, train_dir: Path, val_dir: Path) -> tuple[Arr
 
 
 def _metadata(config: TrainConfig, labels: list[str], train_data: Arrays, val_count: int,
-              history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+              history: list[dict[str, Any]], seconds: float, coarse_epochs: int) -> dict[str, Any]:
     height, width = train_data.images.shape[1:3]
     resolved = {"epochs": config.resolved_epochs, "lr": config.resolved_lr,
                 "arch_kwargs": config.resolved_arch_kwargs, "loss": config.resolved_loss,
                 "class_weighting": config.resolved_class_weighting, "crop": config.resolved_crop,
-                "coarse_epochs": config.resolved_coarse_epochs}
+                "coarse_epochs": coarse_epochs}
     return {
         "architecture": config.architecture,
         "arch_kwargs": config.resolved_arch_kwargs,

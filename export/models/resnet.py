@@ -14,11 +14,11 @@ class _ScaledResNet(ResNet):
     def __init__(self, layers: list[int], num_classes: int, width: int) -> None:
         self._width = width
         super().__init__(BasicBlock, layers, num_classes=num_classes)
-        if width != 64:  # the stem and head are built for 64 before the stages exist
-            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.fc = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        # the stem and head were built for 64 before the stages existed
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         if planes == 64:  # the first stage: its input is the stem's output
