@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionserve.server.admission import AdmissionPolicy
+from visionserve.server.cores import usable_cores
 from visionserve.server.model_config import check_backends
 from visionserve.server.settings_spec import Declared, declarations, parse_text, setting
 
@@ -259,8 +260,7 @@ class ServerSettings:
         """Threads decoding and pre/post-processing: ``workers``, or the usable cores."""
         if self.workers:
             return self.workers
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        return len(cores) if cores else os.cpu_count() or 1
+        return usable_cores()
 
     def admission_policy(self) -> AdmissionPolicy:
         return AdmissionPolicy(self.admission_wait_ms / 1000.0, self.max_admitted)

@@ -10,9 +10,10 @@ Backends are imported lazily: this module imports without onnxruntime, TensorRT 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from visionserve.server.cores import usable_cores
 
 if TYPE_CHECKING:
     from visionserve.server.backends.base import Backend
@@ -30,8 +31,7 @@ def auto_threads(instances: int) -> int:
     model has several instances: measured on 2 cores, the demo UNet at 256x256 ran at
     126 images/s with 2 instances x 1 thread, 113 with 1 instance x 2 threads.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, instances))
+    return max(1, usable_cores() // max(1, instances))
 
 
 def _onnxruntime(name: str) -> Factory:

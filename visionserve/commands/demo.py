@@ -20,6 +20,7 @@ from pathlib import Path
 
 from visionserve.clients import VisionClient
 from visionserve.export.recipe import DEFAULT_MIN_CLASS_IOU
+from visionserve.server.cores import usable_cores
 
 CLASSIFIER, SEGMENTER = "shapes-resnet", "shapes-unet"
 
@@ -60,13 +61,6 @@ def _step_beside(args: tuple[str, ...], foreground: tuple[str, ...]) -> None:
         raise subprocess.CalledProcessError(background.returncode, command)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -80,7 +74,7 @@ def _train_and_export(work: Path, quick: bool, floor: float) -> None:
     extra = ["--epochs", "1"] if quick else []
     data = ("--data", str(work / "data/train"), "--val", str(work / "data/val"))
     checkpoints = {name: work / "checkpoints" / name for name in (CLASSIFIER, SEGMENTER)}
-    cores = _cores()
+    cores = usable_cores()
     # The two trainings run side by side on half the cores each: a small model's training
     # gains only ~1.3x from a second thread, so two at once end sooner than one after the other.
     _step_beside(("train", "--task", "classification", *data, "--out", str(checkpoints[CLASSIFIER]),
