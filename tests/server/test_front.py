@@ -76,10 +76,12 @@ def test_64_long_lived_streams_are_all_served_on_default_settings(start_server) 
 
 
 def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server) -> None:
-    # 4 admitted at a time; a busy model gathers for 300 ms, so admitted requests hold
-    # their slots and the rest of the flood must be refused, not queued.
+    # 4 admitted at a time; a busy model gathers for 2 s, so admitted requests hold their
+    # slots and the rest of the flood must be refused, not queued: a queued request would
+    # wait >= 2 s. A refusal costs the (in-process) server and client a few ms of event
+    # loop each, so the 30th of 60 simultaneous refusals is answered after ~0.15 s here.
     server = start_server(
-        max_admitted=4, max_queue_delay_ms=300, max_batch_size=64, metrics_port=0
+        max_admitted=4, max_queue_delay_ms=2000, max_batch_size=64, metrics_port=0
     )
 
     async def main() -> tuple[list[tuple[str, float, str]], list[float]]:
@@ -103,6 +105,8 @@ def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server
                     await asyncio.sleep(0.02)
                 return seconds
 
+            await asyncio.wait_for(channel.channel_ready(), 10)  # connecting is not shedding
+            await _check_health(channel)
             flood = asyncio.gather(*(one(i) for i in range(64)))
             checks = await probe()
             return await flood, checks
@@ -113,7 +117,9 @@ def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes.count("OK") >= 4 and len(shed) >= 20, codes
     assert all("admission limit (--max-admitted)" in d and SEG in d for _, d in shed)
-    assert sorted(s for s, _ in shed)[len(shed) // 2] < 0.25  # refused at once, not queued
+    shed_s = sorted(s for s, _ in shed)
+    print(f"shed p50 {shed_s[len(shed) // 2] * 1e3:.1f} ms, max {shed_s[-1] * 1e3:.1f} ms")
+    assert shed_s[len(shed) // 2] < 1.0, shed_s  # refused at once, not queued
     assert max(checks) < 0.5
     text = scrape(server.metrics_port)
     assert metric(text, "visionserve_shed_total", model=SEG, reason="capacity") == len(shed)
