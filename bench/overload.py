@@ -9,7 +9,9 @@ queue delay and batch size; admission control on), one process of grpc.aio clien
 1. batch-1 p50 of decode + normalise + infer in this process (bare) and of one client
    sending one PNG at a time (visionserve.v1), in interleaved rounds (bare, served, ...):
    the machine's speed drifting hits both alike; the added latency is the median of the
-   rounds' differences.
+   rounds' differences. Interleaved with them, the front end's floor: the same request
+   bytes naming a model the server does not have (sent, parsed, answered NOT_FOUND, no
+   work): what any request of that size costs; added minus floor is the pipeline's own.
 2. images/s: bare at the model's max batch size (before and after the served figure,
    averaged) and served with 32 requests in flight: the capacity.
 3. overload: an open loop at ``--factor`` x capacity for ``--seconds``, each request with
@@ -151,27 +153,41 @@ def request_bytes(model: str, task: str, data: bytes) -> tuple[str, bytes]:
     ).SerializeToString()
 
 
-async def latency_rounds(channel, method: str, requests: list[bytes], bare: Bare,
-                         count: int, rounds: int = 6) -> dict[str, float]:
-    """Batch-1 p50 of bare and served in interleaved blocks (bare, served, bare, ...), so
-    the machine's speed drifting during the run hits both alike; medians over the rounds."""
+async def _p50_ms(call, requests: list[bytes], first: int, count: int) -> float:
+    """Median round trip of ``count`` calls one after the other; an error answer counts."""
+    import grpc
+
+    lat = []
+    for i in range(first, first + count):
+        start = time.perf_counter()
+        try:
+            await call(requests[i % len(requests)], timeout=60)
+        except grpc.aio.AioRpcError:
+            pass
+        lat.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(lat)
+
+
+async def latency_rounds(channel, method: str, requests: list[bytes], floor: list[bytes],
+                         bare: Bare, count: int, rounds: int = 6) -> dict[str, float]:
+    """Batch-1 p50 of bare, served and the front end's floor (the same bytes for a model
+    the server does not have: transfer, parse and answer, no work) in interleaved blocks,
+    so the machine's speed drifting during the run hits all alike; medians over rounds."""
     call = channel.unary_unary(method)
-    for data in requests[:10]:
-        await call(data, timeout=60)
+    await _p50_ms(call, requests, 0, 10)
+    await _p50_ms(call, floor, 0, 10)
     bare.latencies(10)
     per = max(1, count // rounds)
-    bare_p50, served_p50 = [], []
+    bare_p50, served_p50, floor_p50 = [], [], []
     for r in range(rounds):
         bare_p50.append(statistics.median(bare.latencies(per, r * per)))
-        lat = []
-        for i in range(r * per, (r + 1) * per):
-            start = time.perf_counter()
-            await call(requests[i % len(requests)], timeout=60)
-            lat.append((time.perf_counter() - start) * 1e3)
-        served_p50.append(statistics.median(lat))
+        served_p50.append(await _p50_ms(call, requests, r * per, per))
+        floor_p50.append(await _p50_ms(call, floor, r * per, per))
     added = [s - b for s, b in zip(served_p50, bare_p50)]
+    above = [a - f for a, f in zip(added, floor_p50)]
     return {"bare_p50_ms": statistics.median(bare_p50), "p50_ms": statistics.median(served_p50),
-            "added_ms": statistics.median(added), "added_range": (min(added), max(added))}
+            "added_ms": statistics.median(added), "added_range": (min(added), max(added)),
+            "floor_ms": statistics.median(floor_p50), "above_floor_ms": statistics.median(above)}
 
 
 async def closed_loop(
@@ -273,11 +289,12 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
             "all_s": time.perf_counter() - start, "health_max_s": max(checks or [0])}  # fmt: skip
 
 
-async def served_figures(address: str, method: str, requests: list[bytes], bare: Bare, args) -> dict:
+async def served_figures(address: str, method: str, requests: list[bytes], floor: list[bytes],
+                         bare: Bare, args) -> dict:
     import grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
-        figures = await latency_rounds(channel, method, requests, bare, args.latency_requests)
+        figures = await latency_rounds(channel, method, requests, floor, bare, args.latency_requests)
         before = bare.rate(args.capacity_seconds / 2)
         capacity, refused = await closed_loop(
             channel, method, requests, args.in_flight, args.capacity_seconds
@@ -307,6 +324,9 @@ def report(served: dict, streams: dict, args) -> None:
           f"settings, batching on) in interleaved rounds: bare {served['bare_p50_ms']:.2f} ms, "
           f"served {served['p50_ms']:.2f} ms, added {served['added_ms']:+.2f} ms (median of the "
           f"rounds' differences; {low:+.2f} .. {high:+.2f})")
+    print(f"  of which the front end's floor (the same request bytes for a model the server does "
+          f"not have: transfer + parse + an error answer) {served['floor_ms']:.2f} ms, the rest "
+          f"{served['above_floor_ms']:+.2f} ms (median of the rounds' differences)")
     print(f"bare at batch {served['batch']}: {served['bare_rate']:.1f} images/s (before/after served: "
           f"{served['bare_rates'][0]:.1f} / {served['bare_rates'][1]:.1f}); served, {args.in_flight} in "
           f"flight: {served['capacity']:.1f} images/s = {served['capacity'] / served['bare_rate']:.3f} "
@@ -335,10 +355,12 @@ def main() -> int:
               f"{np.mean([len(i) for i in images]) / 1024:.0f} KiB")  # fmt: skip
         bare = Bare(repository, model, images)
         requests = [request_bytes(model, task, data)[1] for data in images]
+        floor = [request_bytes("no-such-model", task, data)[1] for data in images]
         method = request_bytes(model, task, images[0])[0]
         process, port = start_server(repository)
         try:
-            served = asyncio.run(served_figures(f"127.0.0.1:{port}", method, requests, bare, args))
+            address = f"127.0.0.1:{port}"
+            served = asyncio.run(served_figures(address, method, requests, floor, bare, args))
             served["batch"] = bare.batch
         finally:
             process.terminate()
