@@ -88,13 +88,17 @@ def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.VisionServiceStub(channel)
 
+            answered: list[str] = []
+
             async def one(i: int) -> tuple[str, float, str]:
                 start = time.monotonic()
                 try:
                     await stub.Segment(_request(i), timeout=20)
-                    return "OK", time.monotonic() - start, ""
+                    outcome = "OK", time.monotonic() - start, ""
                 except grpc.aio.AioRpcError as exc:
-                    return exc.code().name, time.monotonic() - start, exc.details() or ""
+                    outcome = exc.code().name, time.monotonic() - start, exc.details() or ""
+                answered.append(outcome[0])
+                return outcome
 
             async def probe() -> list[float]:
                 seconds = []
@@ -108,7 +112,12 @@ def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server
             await asyncio.wait_for(channel.channel_ready(), 10)  # connecting is not shedding
             await _check_health(channel)
             flood = asyncio.gather(*(one(i) for i in range(64)))
-            checks = await probe()
+            seen = -1
+            while len(answered) != seen:  # until the refusals are back (none for 0.1 s)
+                seen = len(answered)
+                await asyncio.sleep(0.1)
+            assert not flood.done()  # the admitted requests still hold every slot
+            checks = await probe()  # health while the model is saturated
             return await flood, checks
 
     outcomes, checks = _run(main())
