@@ -192,10 +192,12 @@ def test_images_of_different_sizes_in_one_bucket_run_as_one_batch(pad_repository
 
     backend.gate.clear()  # a first request keeps the model busy while the others queue
     busy = model.submit(model.prepare(np.zeros((64, 64, 3), np.uint8)))
+    deadline = time.monotonic() + 20
+    while not backend.shapes and time.monotonic() < deadline:
+        time.sleep(0.005)  # the busy request is in the backend: the model is not idle
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 20
     while model._batcher.depth() < len(images) and time.monotonic() < deadline:
         time.sleep(0.01)  # every request decoded and queued behind the busy one
     backend.gate.set()
