@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--in-flight", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="an extra `visionserve serve` argument for the measured server, "
+                        "e.g. --server-arg=--accept-ahead=0 (repeatable)")
     return parser.parse_args()
 
 
@@ -357,7 +360,7 @@ def main() -> int:
         requests = [request_bytes(model, task, data)[1] for data in images]
         floor = [request_bytes("no-such-model", task, data)[1] for data in images]
         method = request_bytes(model, task, images[0])[0]
-        process, port = start_server(repository)
+        process, port = start_server(repository, *args.server_arg)
         try:
             address = f"127.0.0.1:{port}"
             served = asyncio.run(served_figures(address, method, requests, floor, bare, args))
@@ -371,6 +374,8 @@ def main() -> int:
         finally:
             process.terminate()
             process.wait(60)
+    if args.server_arg:
+        print(f"server arguments: {' '.join(args.server_arg)}")
     report(served, streams, args)
     return 0
 

@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
+from visionserve.server.acceptors import Acceptors
 from visionserve.server.backends.registry import describe
 from visionserve.server.decoder_guard import check_decoders
 from visionserve.server.interceptors import (
@@ -152,7 +153,13 @@ class VisionServer:
 
     async def start_grpc(self) -> int:
         """Build the aio server on the loop, add the services, bind and start it."""
-        server = self.grpc_server = _grpc_server(self.settings, self.metrics, self.gate)
+        interceptors = _interceptors(self.settings, self.metrics, self.gate)
+        server = _grpc_server(self.settings, interceptors)
+        # gRPC's --max-concurrent-rpcs limiter counts only the calls its own loop takes
+        extra = 0 if self.settings.max_concurrent_rpcs else self.settings.accept_ahead
+        self.acceptors = Acceptors(server, interceptors, extra)
+        self.acceptors.record()
+        self.grpc_server = server
         serving = Serving(self.registry, self.settings, self.executor, lambda: self.gate.draining)
         visionserve_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(serving), server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -167,6 +174,7 @@ class VisionServer:
             await self.health.set(name, NOT_SERVING)
         self.port = _bind(server, self.settings)
         await server.start()
+        self.acceptors.start()
         return self.port
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -187,6 +195,7 @@ class VisionServer:
         if grace is None:
             self.gate.draining = True
             await self.grpc_server.stop(None)
+            await self.acceptors.stop()
             return
         end = time.monotonic() + grace
         if not await self.gate.drain(grace):
@@ -195,6 +204,7 @@ class VisionServer:
         # transport shuts down would otherwise be CANCELLED by gRPC core.
         await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
         await self.grpc_server.stop(max(0.0, end - time.monotonic()))
+        await self.acceptors.stop()
 
     def close(self) -> None:
         """After ``stop``: drain and close every model, the pool, metrics, the loop."""
@@ -233,11 +243,18 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
     return port
 
 
-def _grpc_server(settings: ServerSettings, metrics: Metrics, gate: Gate) -> grpc.aio.Server:
+def _interceptors(
+    settings: ServerSettings, metrics: Metrics, gate: Gate
+) -> list[grpc.aio.ServerInterceptor]:
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if settings.auth_token:
         interceptors.append(TokenAuthInterceptor(settings.auth_token))
-    interceptors += [gate, MalformedInterceptor()]
+    return interceptors + [gate, MalformedInterceptor()]
+
+
+def _grpc_server(
+    settings: ServerSettings, interceptors: list[grpc.aio.ServerInterceptor]
+) -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=interceptors,
         options=[

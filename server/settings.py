@@ -88,6 +88,14 @@ class ServerSettings:
     max_concurrent_rpcs: int = setting(
         0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
     )
+    accept_ahead: int = setting(
+        16,
+        group=OPERATIONS,
+        help="calls taken from gRPC core ahead of the event loop per method (grpc.aio "
+        "takes one at a time): under a flood of small requests they reach admission "
+        "control (RESOURCE_EXHAUSTED) instead of waiting in core past their deadline; "
+        "0 = grpc.aio's one; not with --max-concurrent-rpcs",
+    )
     max_streams: int = setting(
         2048,
         group=OPERATIONS,
@@ -205,9 +213,10 @@ class ServerSettings:
                 f"cores / derived / admission control off), got {self.workers}, "
                 f"{self.max_admitted}, {self.admission_wait_ms}"
             )
-        if self.max_concurrent_rpcs < 0:
+        if self.max_concurrent_rpcs < 0 or self.accept_ahead < 0:
             raise ValueError(
-                f"max_concurrent_rpcs must be >= 0 (0 = unbounded), got {self.max_concurrent_rpcs}"
+                f"max_concurrent_rpcs and accept_ahead must be >= 0 (0 = unbounded / grpc.aio's "
+                f"one call at a time), got {self.max_concurrent_rpcs}, {self.accept_ahead}"
             )
 
         self._check_batching()
