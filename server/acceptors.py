@@ -7,12 +7,16 @@ busy (a flood of small requests on 2 cores), that hand-over, not the handlers, l
 many calls per second reach the servicers; the rest wait in core, invisible to admission
 control, until their deadline passes (DEADLINE_EXCEEDED instead of RESOURCE_EXHAUSTED).
 
-``Acceptors`` keeps ``extra`` more requests outstanding per registered method, each a
+``Acceptors`` keeps ``extra`` more requests outstanding per registered unary method
+(streams keep grpc.aio's one: a stream is long-lived, and 1,000 of them taken at once
+made the loop's iterations, and so health checks, slower), each a
 small task doing what grpc.aio's own loop does for one call: take it, hand it to
 ``_handle_rpc`` with the server's interceptors, keep the task referenced. It relies on
 grpc.aio's Cython internals (``AioServer._request_registered_call``, ``_handle_rpc``,
-``_schedule_rpc_coro``, ``_MethodResolver``; grpcio 1.62+); where they are missing it does
-nothing and says so once (the server then works as stock grpc.aio does).
+``_schedule_rpc_coro``, ``_MethodResolver``), checked at import against grpcio 1.85's
+parameters; where they are missing or differ it does nothing and says so once (the server
+then works as stock grpc.aio does). Methods added only as generic handlers (reflection)
+keep grpc.aio's one call at a time.
 """
 
 from __future__ import annotations
@@ -26,26 +30,40 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-try:  # grpc.aio's internals, checked once
-    from grpc._cython import cygrpc
+# What this module calls, with the parameters it passes (grpcio 1.85's); any other
+# shape turns the extra acceptors off rather than orphaning a call taken from core.
+_SIGNATURES = {
+    "_handle_rpc": (
+        "method_name", "method_resolver", "interceptors", "rpc_state", "loop",
+        "concurrency_exceeded",
+    ),
+    "_schedule_rpc_coro": ("rpc_coro", "rpc_state", "loop", "method_name"),
+}  # fmt: skip
 
-    _INTERNALS: Any = cygrpc
-    for _owner, _name in (
-        (cygrpc, "_handle_rpc"),
-        (cygrpc, "_schedule_rpc_coro"),
-        (cygrpc, "_MethodResolver"),
-        (cygrpc, "_RequestCallError"),
-        (cygrpc.AioServer, "_request_registered_call"),
-    ):
-        getattr(_owner, _name)
-except (ImportError, AttributeError):  # pragma: no cover - other grpcio versions
-    _INTERNALS = None
+
+def _internals() -> Any:
+    """grpc.aio's Cython module when it has what ``Acceptors`` uses, else None."""
+    try:
+        from grpc._cython import cygrpc
+    except ImportError:  # pragma: no cover
+        return None
+    for name, params in _SIGNATURES.items():
+        code = getattr(getattr(cygrpc, name, None), "__code__", None)
+        if code is None or code.co_varnames[: code.co_argcount] != params:
+            return None
+    needed = (cygrpc, "_MethodResolver"), (cygrpc, "_RequestCallError")
+    if not all(hasattr(owner, name) for owner, name in needed):
+        return None
+    return cygrpc if hasattr(cygrpc.AioServer, "_request_registered_call") else None
+
+
+_INTERNALS = _internals()
 
 
 class Acceptors:
     """Records the handlers added to ``server`` (call ``record`` before adding services),
     then, once the server started, keeps ``extra`` more calls requested per registered
-    method (``start``) until the server stops."""
+    unary method (``start``) until the server stops."""
 
     def __init__(
         self,
@@ -62,8 +80,10 @@ class Acceptors:
         self.taken = 0  # calls these acceptors took (grpc.aio's own loop takes the rest)
         self._loops: list[asyncio.Task] = []
         if extra and _INTERNALS is None:
-            log.warning("this grpcio lacks the internals for extra acceptors; one call per "
-                        "method is taken at a time")
+            log.warning(
+                "--accept-ahead is off: this grpcio's aio internals differ from grpcio "
+                "1.85's; calls are taken from gRPC core one per method at a time"
+            )
 
     def record(self) -> None:
         """Wrap the server's ``add_*`` methods to remember what they add."""
@@ -87,7 +107,9 @@ class Acceptors:
             return
         aio = self._server._server  # the Cython AioServer
         resolver = _INTERNALS._MethodResolver(self._generic, self._registered)
-        for method in self._registered:
+        for method, handler in self._registered.items():
+            if handler.request_streaming or handler.response_streaming:
+                continue  # streams are long-lived: taking them faster floods the loop
             for _ in range(self.extra):
                 self._loops.append(asyncio.ensure_future(self._accept(aio, resolver, method)))
 

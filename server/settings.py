@@ -91,7 +91,7 @@ class ServerSettings:
     accept_ahead: int = setting(
         16,
         group=OPERATIONS,
-        help="calls taken from gRPC core ahead of the event loop per method (grpc.aio "
+        help="calls taken from gRPC core ahead of the event loop per unary method (grpc.aio "
         "takes one at a time): under a flood of small requests they reach admission "
         "control (RESOURCE_EXHAUSTED) instead of waiting in core past their deadline; "
         "0 = grpc.aio's one; not with --max-concurrent-rpcs",

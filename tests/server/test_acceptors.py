@@ -60,9 +60,10 @@ def test_calls_taken_ahead_pass_every_interceptor(start_server, ahead: int) -> N
     assert codes.count(grpc.StatusCode.OK) >= 1
     text = scrape(server.metrics_port)
     assert metric(text, "visionserve_requests_total", method=CLASSIFY) == 48
-    assert metric(
-        text, "visionserve_request_failures_total", method=CLASSIFY, code="UNAUTHENTICATED"
-    ) == 24
+    assert (
+        metric(text, "visionserve_request_failures_total", method=CLASSIFY, code="UNAUTHENTICATED")
+        == 24
+    )
     if ahead:
         # taken many at a time once the loop was free again: not all by grpc.aio's one
         assert server.acceptors.taken > 0
@@ -74,3 +75,19 @@ def test_accept_ahead_is_off_under_grpcs_concurrent_rpc_limit(start_server) -> N
     # gRPC's own limiter counts only the calls its loop takes: the two do not mix
     server = start_server(max_concurrent_rpcs=8, accept_ahead=16)
     assert server.acceptors.extra == 0
+
+
+def test_without_grpcs_internals_the_server_serves_as_stock_grpc_aio(
+    start_server, monkeypatch
+) -> None:
+    from visionserve.server import acceptors
+
+    monkeypatch.setattr(acceptors, "_INTERNALS", None)  # another grpcio's shape
+    server = start_server(accept_ahead=16)
+    assert server.acceptors.extra == 0
+
+    async def call() -> pb.ClassifyResponse:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            return await pb_grpc.VisionServiceStub(channel).Classify(_request(1), timeout=30)
+
+    assert len(asyncio.run(call()).top) >= 1
