@@ -86,7 +86,9 @@ class Acceptors:
             )
 
     def record(self) -> None:
-        """Wrap the server's ``add_*`` methods to remember what they add."""
+        """Wrap the server's ``add_*`` methods to remember what they add (not when off)."""
+        if not self.extra:
+            return
         add_generic = self._server.add_generic_rpc_handlers
         add_registered = self._server.add_registered_method_handlers
 
