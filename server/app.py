@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_LINGER_S = 0.25
+SIGNAL_POLL_S = 0.2  # how soon a signal caught on another thread is acted on
 SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)
 T = TypeVar("T")
 
@@ -313,6 +314,19 @@ def _load(handle: VisionServer, settings: ServerSettings) -> None:
         handle.start_polling(repository, settings.poll_interval_s)
 
 
+def _wait_for_signal(stop_requested: threading.Event) -> None:
+    """Wait in the main thread for ``on_signal``, waking every ``SIGNAL_POLL_S``.
+
+    The kernel may run a process-directed signal's C handler on any thread that does not
+    block it (ONNX Runtime's, gRPC's); CPython then runs the Python handler only when the
+    main thread next takes the GIL. A main thread blocked in ``Event.wait()`` with no
+    timeout never does: the SIGTERM was caught and never acted on (a server that ignored
+    it until SIGKILL, seen in CI).
+    """
+    while not stop_requested.wait(SIGNAL_POLL_S):
+        pass
+
+
 def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain for ``settings.grace_period_s``; returns 0.
 
@@ -330,7 +344,7 @@ def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None 
         server, port = create_server(settings)
         if on_ready is not None:
             on_ready(settings.host, port)
-        stop_requested.wait()
+        _wait_for_signal(stop_requested)
         log.info(
             "NOT_SERVING; draining in-flight requests for up to %.1f s", settings.grace_period_s
         )

@@ -89,13 +89,12 @@ class ServerSettings:
         0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
     )
     accept_ahead: int = setting(
-        0,
+        16,
         group=OPERATIONS,
         help="calls taken from gRPC core ahead of the event loop per unary method (grpc.aio "
         "takes one at a time): under a flood of small requests they reach admission "
         "control (RESOURCE_EXHAUSTED) instead of waiting in core past their deadline; "
-        "0 = grpc.aio's one (off by default until a drain timeout seen once in CI with "
-        "16 is explained; 16 measured); not with --max-concurrent-rpcs",
+        "0 = grpc.aio's one; not with --max-concurrent-rpcs",
     )
     max_streams: int = setting(
         2048,

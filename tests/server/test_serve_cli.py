@@ -69,6 +69,39 @@ def test_serve_subprocess_serves_and_stops_on_sigterm(model_repository: Path) ->
             process.wait()
 
 
+def _signal_a_thread_other_than_main(pid: int, signum: int) -> int:
+    """``kill`` one of ``pid``'s threads but the main one, by thread id (the oldest still
+    alive: gRPC's may come and go); returns that id, 0 if none was found."""
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid):
+        try:
+            os.kill(tid, signum)
+        except ProcessLookupError:
+            continue
+        return tid
+    return 0
+
+
+def test_serve_acts_on_a_sigterm_caught_by_another_thread(model_repository: Path) -> None:
+    """``kill`` naming a thread's id hands the signal to that thread (as the kernel may do
+    with any process-directed signal): the C handler runs there, and the main thread must
+    still wake up and drain. With a main thread blocked in ``Event.wait()`` it never did."""
+    env = {**os.environ, "VISIONSERVE_WORKERS": "2", "VISIONSERVE_INTRA_OP_THREADS": "1"}
+    process = subprocess.Popen(
+        [*SERVE, "--repository", str(model_repository), "--port", "0", "--grace", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        _read_port(process)
+        assert _signal_a_thread_other_than_main(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_serve_without_a_repository_exits_2_and_says_why(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VISIONSERVE_REPOSITORY"}
     result = subprocess.run(
