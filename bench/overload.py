@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="overload duration")
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--factor", type=float, default=2.0, help="offered load / capacity")
+    parser.add_argument("--rate", type=float, help="offered requests/s in the overload phase "
+                        "instead of --factor x capacity (to compare server settings at one rate)")
     parser.add_argument("--deadline-ms", type=float, default=2000.0)
     parser.add_argument("--in-flight", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--streams", type=int, default=1000)
@@ -308,7 +310,8 @@ async def served_figures(address: str, method: str, requests: list[bytes], floor
         stop = asyncio.Event()
         probe = asyncio.ensure_future(health_probe(channel, stop))
         outcomes, offered = await open_loop(
-            channel, method, requests, args.factor * capacity, args.seconds, args.deadline_ms / 1e3
+            channel, method, requests, args.rate or args.factor * capacity, args.seconds,
+            args.deadline_ms / 1e3,
         )
         stop.set()
         figures.update(offered=offered, outcomes=outcomes, health=await probe)
@@ -334,7 +337,8 @@ def report(served: dict, streams: dict, args) -> None:
           f"{served['bare_rates'][0]:.1f} / {served['bare_rates'][1]:.1f}); served, {args.in_flight} in "
           f"flight: {served['capacity']:.1f} images/s = {served['capacity'] / served['bare_rate']:.3f} "
           f"of bare ({served['capacity_refused']} refused RESOURCE_EXHAUSTED and retried 5 ms later)")
-    print(f"overload {args.factor:g}x for {args.seconds:g} s ({served['offered']:.1f} requests/s offered, "
+    factor = served["offered"] / served["capacity"]
+    print(f"overload {factor:.2f}x for {args.seconds:g} s ({served['offered']:.1f} requests/s offered, "
           f"deadline {args.deadline_ms:g} ms): goodput {goodput:.1f}/s = "
           f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
     print(f"  shed RESOURCE_EXHAUSTED: p50 {pct(shed, 0.5) * 1e3:.2f} ms, p99 {pct(shed, 0.99) * 1e3:.2f} ms; "

@@ -40,6 +40,7 @@ from visionserve.server.interceptors import (
 )
 from visionserve.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from visionserve.server.kserve import InferenceServicer
+from visionserve.server.logs import quiet_grpc_repeats
 from visionserve.server.metrics import Metrics
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.repository import ModelRepository
@@ -276,6 +277,7 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
     already in use raises ``OSError`` (gRPC's SO_REUSEPORT is turned off).
     """
     check_decoders(settings.max_decoded_pixels)
+    quiet_grpc_repeats()
     metrics = Metrics()
     gate = Gate(settings.max_streams, on_refused=lambda reason: metrics.shed.labels("", reason).inc())
     loop = EventLoopThread()

@@ -78,3 +78,44 @@ class FailureLog:
             more,
             extra={"method": method, "code": code, "duration_ms": round(seconds * 1e3, 3)},
         )
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+class RepeatFilter(logging.Filter):
+    """One record per (logger, message template) per ``interval_s``; the next one let
+    through says how many it stood for.
+
+    Installed on grpc's own logger (``quiet_grpc_repeats``): under overload grpc logs an
+    ERROR with its exception for every reply to a call whose client already gave up
+    ("ExecuteBatchError raised in core by servicer method [...]"), one per request.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], list[float]] = {}  # [since, count suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), (record.name, str(record.msg))
+        with self._lock:
+            state = self._seen.get(key)
+            if state is not None and now - state[0] < self.interval_s:
+                state[1] += 1
+                return False
+            suppressed = int(state[1]) if state is not None else 0
+            self._seen[key] = [now, 0]
+        if suppressed:
+            record.msg = (
+                f"{record.msg} ({suppressed} more like it in the previous {self.interval_s:g} s)"
+            )
+        return True
+
+
+def quiet_grpc_repeats(interval_s: float = 10.0) -> None:
+    """Add a ``RepeatFilter`` to grpc's core logger, once per process."""
+    logger = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        logger.addFilter(RepeatFilter(interval_s))
