@@ -262,9 +262,16 @@ def test_server_sigterm_mid_run_drains_at_once_and_a_restart_finishes(
     assert_complete(out, dataset, reference_report)
 
 
-def test_ctrl_c_then_rerun_completes(
-    server_process, dataset: tuple[Path, Path], reference_report: dict, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_then_rerun_completes(
+    server_process,
+    dataset: tuple[Path, Path],
+    reference_report: dict,
+    tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
+    """Ctrl-C, or SIGTERM (a job being stopped), winds the run down (exit 128 + signal,
+    finished images recorded); the rerun does the rest."""
     server: ServerProcess = server_process()
     out = tmp_path / "out"
     client = run_cli(
@@ -272,8 +279,9 @@ def test_ctrl_c_then_rerun_completes(
         tmp_path / "client.log",
     )
     interrupted_at = wait_for_lines(out, 40, client)
-    client.send_signal(signal.SIGINT)
-    assert client.wait(30) == 130, (tmp_path / "client.log").read_text()[-3000:]
+    client.send_signal(signum)
+    assert client.wait(30) == 128 + signum, (tmp_path / "client.log").read_text()[-3000:]
+    assert "rerun the same command to continue" in (tmp_path / "client.log").read_text()
     assert interrupted_at < DATASET_SIZE - 50
     assert len(journal_keys(out)) < DATASET_SIZE
     rerun = run_cli(segment_args(*dataset, out, server.address), tmp_path / "rerun.log")

@@ -33,6 +33,7 @@ from visionserve.commands._segment_run import finish, open_journal, plan, progre
 
 NAME = "segment"
 HELP = "Segment a folder of images (through a server, in-process or on Ray); masks + IoU report"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # both wind the run down, finished images recorded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,44 +150,54 @@ def run(args: argparse.Namespace) -> int:
         if args.repository is not None:
             return run_offline(args, root, images)
         return _interruptible(_run(args, root, images))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             "interrupted: finished images are recorded; rerun the same command to continue",
             file=sys.stderr,
         )
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by ``signum`` (SIGINT or SIGTERM) and has wound down."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _interruptible(work: Coroutine[Any, Any, int]) -> int:
-    """Run ``work``; Ctrl-C (SIGINT) cancels it through the event loop's own handler and
-    raises KeyboardInterrupt once it has stopped, even where a library swallowed the
-    cancellation on its way out."""
-    interrupted = False
+    """Run ``work``; Ctrl-C (SIGINT) or SIGTERM (a job being stopped) cancels it through
+    the event loop's own handlers and raises ``Stopped`` once it has wound down (finished
+    images recorded), even where a library swallowed the cancellation on its way out."""
+    stopped_by = 0
 
     async def main() -> int:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
 
-        def on_sigint() -> None:
-            nonlocal interrupted
-            interrupted = True
+        def on_signal(signum: int) -> None:
+            nonlocal stopped_by
+            stopped_by = stopped_by or signum
             if task is not None:
                 task.cancel()
 
         if threading.current_thread() is not threading.main_thread():
             return await work  # called from a thread (embedded): signals are not ours
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
         try:
             return await work
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
 
     try:
         code = asyncio.run(main())
     except asyncio.CancelledError:
-        if not interrupted:
+        if not stopped_by:
             raise
-    if interrupted:
-        raise KeyboardInterrupt
+    if stopped_by:
+        raise Stopped(stopped_by)
     return code
 
 
