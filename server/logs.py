@@ -41,6 +41,30 @@ def use_json_logs(logger: logging.Logger | None = None) -> None:
         handler.setFormatter(JsonFormatter())
 
 
+class Throttle:
+    """One event per key per ``interval_s``: ``allow(key)`` is None for an event to drop,
+    else how many of that key were dropped since the last one allowed (thread-safe)."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._keys: dict[object, list[float]] = {}  # [since, count dropped]
+
+    def allow(self, key: object) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            state = self._keys.get(key)
+            if state is not None and now - state[0] < self.interval_s:
+                state[1] += 1
+                return None
+            self._keys[key] = [now, 0]
+        return int(state[1]) if state is not None else 0
+
+    def more(self, dropped: int) -> str:
+        """The suffix saying how many an allowed event stood for ("" when none)."""
+        return f" ({dropped} more like it in the previous {self.interval_s:g} s)" if dropped else ""
+
+
 class FailureLog:
     """One log line per failure class (method, status) per ``interval_s``, not one per
     request: under overload a flood of RESOURCE_EXHAUSTED answers writes one line per
@@ -51,31 +75,18 @@ class FailureLog:
 
     def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
         self._log = logger
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._classes: dict[tuple[str, str], list[float]] = {}  # [since, count suppressed]
+        self._throttle = Throttle(interval_s)
 
     def failed(self, method: str, code: str, seconds: float) -> None:
-        now = time.monotonic()
-        key = (method, code)
-        with self._lock:
-            state = self._classes.get(key)
-            if state is not None and now - state[0] < self.interval_s:
-                state[1] += 1
-                return
-            suppressed = int(state[1]) if state is not None else 0
-            self._classes[key] = [now, 0]
-        more = (
-            f" ({suppressed} more like it in the previous {self.interval_s:.0f} s)"
-            if suppressed
-            else ""
-        )
+        dropped = self._throttle.allow((method, code))
+        if dropped is None:
+            return
         self._log.info(
             "rpc %s failed: %s after %.1f ms%s",
             method,
             code,
             seconds * 1e3,
-            more,
+            self._throttle.more(dropped),
             extra={"method": method, "code": code, "duration_ms": round(seconds * 1e3, 3)},
         )
 
@@ -94,23 +105,13 @@ class RepeatFilter(logging.Filter):
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], list[float]] = {}  # [since, count suppressed]
+        self._throttle = Throttle(interval_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now, key = time.monotonic(), (record.name, str(record.msg))
-        with self._lock:
-            state = self._seen.get(key)
-            if state is not None and now - state[0] < self.interval_s:
-                state[1] += 1
-                return False
-            suppressed = int(state[1]) if state is not None else 0
-            self._seen[key] = [now, 0]
-        if suppressed:
-            record.msg = (
-                f"{record.msg} ({suppressed} more like it in the previous {self.interval_s:g} s)"
-            )
+        dropped = self._throttle.allow((record.name, str(record.msg)))
+        if dropped is None:
+            return False
+        record.msg = f"{record.msg}{self._throttle.more(dropped)}"
         return True
 
 
