@@ -38,14 +38,19 @@ def _read_port(process: subprocess.Popen) -> int:
     raise AssertionError(f"server exited (rc={process.wait()}) without announcing its port")
 
 
-def test_serve_subprocess_serves_and_stops_on_sigterm(model_repository: Path) -> None:
+def _start_serve(model_repository: Path) -> subprocess.Popen:
+    """``visionserve serve`` on a free port, 2 workers, 1 ONNX Runtime thread, 1 s grace."""
     env = {**os.environ, "VISIONSERVE_WORKERS": "2", "VISIONSERVE_INTRA_OP_THREADS": "1"}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [*SERVE, "--repository", str(model_repository), "--port", "0", "--grace", "1"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
+
+
+def test_serve_subprocess_serves_and_stops_on_sigterm(model_repository: Path) -> None:
+    process = _start_serve(model_repository)
     try:
         port = _read_port(process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -85,13 +90,7 @@ def test_serve_acts_on_a_sigterm_caught_by_another_thread(model_repository: Path
     """``kill`` naming a thread's id hands the signal to that thread (as the kernel may do
     with any process-directed signal): the C handler runs there, and the main thread must
     still wake up and drain. With a main thread blocked in ``Event.wait()`` it never did."""
-    env = {**os.environ, "VISIONSERVE_WORKERS": "2", "VISIONSERVE_INTRA_OP_THREADS": "1"}
-    process = subprocess.Popen(
-        [*SERVE, "--repository", str(model_repository), "--port", "0", "--grace", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = _start_serve(model_repository)
     try:
         _read_port(process)
         assert _signal_a_thread_other_than_main(process.pid, signal.SIGTERM)
