@@ -17,6 +17,7 @@ finish (each new item answered UNAVAILABLE in-band), all within the grace period
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -344,6 +345,11 @@ def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server, port = create_server(settings)
+        # What start-up made (modules, models, gRPC) lives as long as the process: out
+        # of the cyclic collector's sight, a full collection under load scans only what
+        # requests made (measured: 16-60 ms pauses of the event loop with ~50,000
+        # start-up objects, under a 2x flood)
+        gc.freeze()
         if on_ready is not None:
             on_ready(settings.host, port)
         _wait_for_signal(stop_requested)

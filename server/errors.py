@@ -1,7 +1,7 @@
 """Errors the serving path raises, each carrying the gRPC status it maps to.
 
 Pure Python (no grpc import), so pure-numpy modules such as ``iou`` can raise them.
-The servicer turns them into ``context.abort(grpc.StatusCode[err.status], str(err))``.
+The servicer makes them the call's status: ``grpc.StatusCode[err.status]``, ``str(err)``.
 """
 
 from __future__ import annotations

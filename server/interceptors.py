@@ -84,11 +84,23 @@ class PerMethod:
         return wrapped
 
 
+def set_error(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Make ``code`` and ``message`` the call's answer; the handler then returns (None, or
+    ends its response stream): gRPC sends the status and discards any reply.
+
+    Not ``context.abort``: the exception it raises is kept by the call's state and its
+    traceback keeps the handlers' frames, so every refused call left a reference cycle
+    holding its request body (~32 objects; a 110 KB image) until a garbage collection,
+    whose pauses (2-26 ms, 60 ms for a full one) fell on the event loop under a flood."""
+    context.set_code(code)
+    context.set_details(message)
+
+
 def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
     """A handler answering ``code`` at once, without reading the request body."""
 
     async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        set_error(context, code, message)
 
     return rewrap(handler, refuse, request_streaming=True)
 
@@ -280,11 +292,13 @@ class Gate(grpc.aio.ServerInterceptor):
         async def limited(request_iterator: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
             if self.streams >= self.max_streams:
                 self._on_refused("streams")
-                await context.abort(
+                set_error(
+                    context,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{method}: {self.streams} streams are open, the server's limit "
                     f"(--max-streams {self.max_streams}); retry later or on another replica",
                 )
+                return
             self._enter(True)
             try:
                 async for response in behavior(request_iterator, context):
@@ -355,7 +369,8 @@ class MalformedInterceptor(grpc.aio.ServerInterceptor):
 
             async def checked_stream(request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
                 if isinstance(request, Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                    set_error(context, grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                    return
                 async for response in behavior(request, context):
                     yield response
 
@@ -363,7 +378,8 @@ class MalformedInterceptor(grpc.aio.ServerInterceptor):
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                set_error(context, grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                return None
             return await behavior(request, context)
 
         return rewrap(handler, checked, deserializer=tolerant)

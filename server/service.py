@@ -23,7 +23,7 @@ import grpc
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.errors import InvalidArgument, Unavailable, VisionServeError
-from visionserve.server.interceptors import Malformed
+from visionserve.server.interceptors import Malformed, set_error
 from visionserve.server.model_config import InputSpec
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.requests import (
@@ -37,7 +37,8 @@ from visionserve.server.requests import (
 from visionserve.server.served_model import ServedModel
 from visionserve.server.settings import ServerSettings
 from visionserve.server.stream import pipeline
-from visionserve.server.tiling import Serving, tile_margin, tile_size
+from visionserve.server.tiling import Serving as ImageServing
+from visionserve.server.tiling import tile_margin, tile_size
 
 log = logging.getLogger(__name__)
 
@@ -249,21 +250,15 @@ async def unary(
     request: Request,
     context: grpc.aio.ServicerContext,
     rpc: str,
-) -> Response:
-    """``await handler(request, context)``; any exception becomes ``context.abort``."""
+) -> Response | None:
+    """``await handler(request, context)``; an exception becomes the call's error status
+    (``set_error``: None is returned, gRPC sends the status alone)."""
     try:
         return await handler(request, context)
-    except Exception as exc:
-        try:
-            await context.abort(status_of(exc), message_of(exc, rpc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as ended:  # ExecuteBatchError: gRPC ended the call first (its
-            # deadline passed, the client left): no one to answer; gRPC's quiet path
-            # instead of an ERROR traceback per expired request (seen under 2x overload)
-            log.debug("%s ended before its answer (%s): %s", rpc, message_of(exc, rpc), ended)
-            raise asyncio.CancelledError from None
-        raise  # unreachable: abort raises
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the call's status
+        code, message = status_of(exc), message_of(exc, rpc)
+    set_error(context, code, message)  # out of the except block: no exception chain kept
+    return None
 
 
 # -- translation: visionserve.v1 messages <-> requests.* ----------------------------------
@@ -337,7 +332,7 @@ def segment_response(
     return response
 
 
-def serving_message(serving: Serving) -> pb.Serving:
+def serving_message(serving: ImageServing) -> pb.Serving:
     """``tiling.Serving`` -> its protobuf message."""
     tiles = serving.tiles
     return pb.Serving(
