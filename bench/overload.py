@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, help="offered requests/s in the overload phase "
                         "instead of --factor x capacity (to compare server settings at one rate)")
     parser.add_argument("--deadline-ms", type=float, default=2000.0)
+    parser.add_argument("--image-side", type=int, help="tiny workload: random PNGs of this "
+                        "side instead of the model's input size (large images, resized by the "
+                        "server; the client's images/s and the server's memory under overload)")
     parser.add_argument("--in-flight", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--latency-requests", type=int, default=300)
@@ -91,9 +95,10 @@ def workload(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, list[bytes
     repo = ModelRepository(repository)
     model = args.model or repo.model_names()[0]
     spec = repo.entry(model).config.input
+    height, width = (args.image_side,) * 2 if args.image_side else (spec.height, spec.width)
     rng = np.random.default_rng(0)
     encoded = [
-        cv2.imencode(".png", rng.integers(0, 256, (spec.height, spec.width, 3), np.uint8))[1].tobytes()
+        cv2.imencode(".png", rng.integers(0, 256, (height, width, 3), np.uint8))[1].tobytes()
         for _ in range(16)
     ]
     return repository, model, encoded
@@ -294,11 +299,38 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
             "all_s": time.perf_counter() - start, "health_max_s": max(checks or [0])}  # fmt: skip
 
 
+class ResidentMemory:
+    """The server's resident memory (MiB), sampled every 50 ms while in the ``with``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self.before = self.now()
+
+    def now(self) -> float:
+        with open(f"/proc/{self.pid}/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> ResidentMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 async def served_figures(address: str, method: str, requests: list[bytes], floor: list[bytes],
-                         bare: Bare, args) -> dict:
+                         bare: Bare, args, pid: int) -> dict:
     import grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         figures = await latency_rounds(channel, method, requests, floor, bare, args.latency_requests)
         before = bare.rate(args.capacity_seconds / 2)
         capacity, refused = await closed_loop(
@@ -309,12 +341,15 @@ async def served_figures(address: str, method: str, requests: list[bytes], floor
                        bare_rates=(before, after))
         stop = asyncio.Event()
         probe = asyncio.ensure_future(health_probe(channel, stop))
-        outcomes, offered = await open_loop(
-            channel, method, requests, args.rate or args.factor * capacity, args.seconds,
-            args.deadline_ms / 1e3,
-        )
+        with ResidentMemory(pid) as memory:
+            outcomes, offered = await open_loop(
+                channel, method, requests, args.rate or args.factor * capacity, args.seconds,
+                args.deadline_ms / 1e3,
+            )
         stop.set()
-        figures.update(offered=offered, outcomes=outcomes, health=await probe)
+        await asyncio.sleep(1)
+        figures.update(offered=offered, outcomes=outcomes, health=await probe,
+                       memory=(memory.before, memory.peak, memory.now()))
     return figures
 
 
@@ -343,6 +378,9 @@ def report(served: dict, streams: dict, args) -> None:
           f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
     print(f"  shed RESOURCE_EXHAUSTED: p50 {pct(shed, 0.5) * 1e3:.2f} ms, p99 {pct(shed, 0.99) * 1e3:.2f} ms; "
           f"OK latency p50 {pct(ok, 0.5) * 1e3:.0f} ms, p99 {pct(ok, 0.99) * 1e3:.0f} ms")
+    before, peak, after = served["memory"]
+    print(f"  server resident memory: {before:.0f} MiB before the overload, peak {peak:.0f} MiB "
+          f"during it, {after:.0f} MiB 1 s after")
     print(f"  health Check under overload: max {max(served['health']) * 1e3:.1f} ms, "
           f"p99 {pct(served['health'], 0.99) * 1e3:.1f} ms over {len(served['health'])} checks")
     print(f"streams: {streams['answered']}/{streams['streams']} streams answered both requests; "
@@ -367,7 +405,7 @@ def main() -> int:
         process, port = start_server(repository, *args.server_arg)
         try:
             address = f"127.0.0.1:{port}"
-            served = asyncio.run(served_figures(address, method, requests, floor, bare, args))
+            served = asyncio.run(served_figures(address, method, requests, floor, bare, args, process.pid))
             served["batch"] = bare.batch
         finally:
             process.terminate()

@@ -10,7 +10,8 @@ waiting (``key``), oldest item first within a stream, so every stream keeps movi
 however many items another one has queued.
 
 The limit is ``max_admitted`` when set; otherwise it is derived from the model's
-measured capacity (rows per second over recent batches, all instances) times
+measured capacity (rows per second over recent batches, all instances; or, where
+lower, answers per second while the model stayed backlogged: ``ServedRate``) times
 ``wait_s``, the longest a request should expect to queue: at 200 images/s and 1 s,
 200 requests. It is never below two full batches per instance, which is also the limit
 until a batch has been measured: one batch running and the next one forming keep a
@@ -28,6 +29,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +37,9 @@ from visionserve.server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
-EWMA_WEIGHT = 0.2  # of each new batch in the capacity estimate
+EWMA_WEIGHT = 0.2  # of each new batch (or served window) in the capacity estimates
+SERVED_WINDOW_S = 0.5  # answers are counted over windows at least this long
+SERVED_FRESH_S = 10.0  # an answer rate older than this no longer counts
 
 
 class ShedObserver(Protocol):
@@ -61,6 +65,43 @@ class AdmissionPolicy:
         return self.wait_s > 0 or self.max_admitted > 0
 
 
+class ServedRate:
+    """Answers per second of a model's whole walk (decode, prepare, queue, inference,
+    encode), measured over windows in which it stayed backlogged: at least ``backlog``
+    requests admitted throughout, so answers came as fast as the walk could go.
+
+    The inference rate alone (``Admission.on_batch``) overstates capacity where decoding
+    costs more than inferring: 3 MB PNGs to the 32x32 test classifier at twice what it
+    could answer were admitted 132 at a time (its batcher's bound) while ~60 a second
+    were answered: requests waited past their deadlines and held ~3 GB."""
+
+    def __init__(self, backlog: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._backlog, self._clock = backlog, clock
+        self._start, self._answered, self._backlogged = clock(), 0, False
+        self._rate: float | None = None
+        self._measured_at = -math.inf
+
+    def answered(self, admitted: int) -> None:
+        """One admitted request was answered; ``admitted`` are those still in."""
+        now = self._clock()
+        self._answered += 1
+        self._backlogged = self._backlogged and admitted >= self._backlog
+        elapsed = now - self._start
+        if elapsed < SERVED_WINDOW_S:
+            return
+        if self._backlogged:
+            rate, old = self._answered / elapsed, self.rate
+            self._rate = rate if old is None else old + EWMA_WEIGHT * (rate - old)
+            self._measured_at = now
+        self._start, self._answered, self._backlogged = now, 0, admitted >= self._backlog
+
+    @property
+    def rate(self) -> float | None:
+        """The estimate while fresh (None: never backlogged, or not for a while)."""
+        fresh = self._clock() - self._measured_at < SERVED_FRESH_S
+        return self._rate if fresh else None
+
+
 class Admission:
     """The admission gate of one model (thread-safe; waiters are asyncio futures)."""
 
@@ -73,6 +114,7 @@ class Admission:
         max_batch_size: int,
         max_queue_size: int | None = None,
         observer: ShedObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -88,6 +130,7 @@ class Admission:
         self._lock = threading.Lock()
         self._admitted = 0
         self._rows_per_s: float | None = None  # one instance
+        self.served = ServedRate(self._floor, clock)
         self._waiters: dict[object, deque[_Waiter]] = {}  # per stream, in turn order
 
     # -- measurements -------------------------------------------------------------------
@@ -102,9 +145,13 @@ class Admission:
 
     @property
     def capacity(self) -> float | None:
-        """Rows per second over every instance (None until a batch ran)."""
-        rate = self._rows_per_s
-        return None if rate is None else rate * self._instances
+        """Requests per second: the inference rate over every instance, or the rate of
+        answers while backlogged where lower (None until a batch ran)."""
+        rate, served = self._rows_per_s, self.served.rate
+        inferred = None if rate is None else rate * self._instances
+        if served is None or inferred is None:
+            return inferred
+        return min(inferred, served)
 
     @property
     def limit(self) -> int:
@@ -174,8 +221,9 @@ class Admission:
                     self._waiters[key] = queue  # back of the line
                 waiter.granted = True
                 waiter.loop.call_soon_threadsafe(_grant, waiter.future)
-                return  # the slot passes on: the count stays
-            self._admitted -= 1
+            else:
+                self._admitted -= 1  # (a slot handed to a waiter leaves the count as is)
+            self.served.answered(self._admitted)
 
     def _deadline_check(self, deadline: float | None) -> tuple[str | None, str]:
         capacity = self.capacity
@@ -192,10 +240,11 @@ class Admission:
         )
 
     def _full_message(self, limit: int) -> str:
+        capacity = self.capacity
         how = (
             "--max-admitted"
-            if self.policy.max_admitted
-            else f"capacity x --admission-wait-ms {self.policy.wait_s * 1e3:.0f}"
+            if self.policy.max_admitted or capacity is None
+            else f"{capacity:.0f} requests/s x --admission-wait-ms {self.policy.wait_s * 1e3:.0f}"
         )
         return (
             f"{self.name}: {limit} requests are already queued or running, the model's "

@@ -114,6 +114,7 @@ class VisionServer:
         )
         self._loop = loop
         self._poller: threading.Thread | None = None
+        self._lag_watch: asyncio.Task | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.registry = ModelRegistry(
@@ -178,6 +179,8 @@ class VisionServer:
         self.port = _bind(server, self.settings)
         await server.start()
         self.acceptors.start()
+        if self.gate.max_lag_s:
+            self._lag_watch = asyncio.get_running_loop().create_task(self.gate.watch_loop())
         return self.port
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -194,6 +197,8 @@ class VisionServer:
 
     async def _stop(self, grace: float | None) -> None:
         assert self.grpc_server is not None
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         await self.health.enter_graceful_shutdown()
         if grace is None:
             self.gate.draining = True
@@ -280,7 +285,11 @@ def create_server(settings: ServerSettings) -> tuple[VisionServer, int]:
     check_decoders(settings.max_decoded_pixels)
     quiet_grpc_repeats()
     metrics = Metrics()
-    gate = Gate(settings.max_streams, on_refused=lambda reason: metrics.shed.labels("", reason).inc())
+    gate = Gate(
+        settings.max_streams,
+        on_refused=lambda reason: metrics.shed.labels("", reason).inc(),
+        max_lag_s=settings.max_loop_lag_ms / 1e3,
+    )
     loop = EventLoopThread()
     handle = VisionServer(settings, loop, metrics, gate)
     try:

@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 EXEMPT = (HEALTH_PREFIX, REFLECTION_PREFIX)
+LAG_TICK_S = 0.02  # how often the loop's lag is sampled
+# Unary calls that carry images or tensors: refused unread while the loop lags
+INFERENCE = frozenset({
+    "/visionserve.v1.VisionService/Classify",
+    "/visionserve.v1.VisionService/Segment",
+    "/inference.GRPCInferenceService/ModelInfer",
+})  # fmt: skip
 
 Behavior = Callable[..., Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -46,6 +53,10 @@ def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
         "stream" if handler.response_streaming else "unary"
     )
     return getattr(handler, kind)
+
+
+def _streaming(handler: grpc.RpcMethodHandler) -> bool:
+    return handler.request_streaming or handler.response_streaming
 
 
 def rewrap(
@@ -244,17 +255,44 @@ class Gate(grpc.aio.ServerInterceptor):
     ``drain()`` refuses new calls with UNAVAILABLE (health and reflection pass) and waits
     for those in flight; the servicers read ``draining`` to answer new stream items
     UNAVAILABLE in-band. Past ``max_streams`` open streaming calls, a new one is refused
-    with RESOURCE_EXHAUSTED naming the limit."""
+    with RESOURCE_EXHAUSTED naming the limit. While the event loop runs more than
+    ``max_lag_s`` behind (``watch_loop``), a new unary inference call (``INFERENCE``) is
+    refused RESOURCE_EXHAUSTED before its body is read: under a flood of large images
+    the front end, not the model, is what is full, and reading a body only to refuse it
+    is most of a refusal's cost. Off by default (``max_lag_s`` 0): 3 MB PNGs at 287/s on
+    2 cores, in a fast phase of the machine: 0 and 769 DEADLINE_EXCEEDED without it, 0 in
+    four runs with it at 250 ms; in a slower phase (236/s): 366, 184 without, 9, 265 with
+    it: not distinguishable from the machine's drift there."""
 
-    def __init__(self, max_streams: int, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_streams: int,
+        on_refused: Callable[[str], None] | None = None,
+        max_lag_s: float = 0.0,
+    ) -> None:
         self.max_streams = max_streams
+        self.max_lag_s = max_lag_s
         self.draining = False
         self.in_flight = 0
         self.streams = 0
+        self.lag_s = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_refused = on_refused or (lambda reason: None)
         self._handlers = PerMethod(self._counted)
+
+    async def watch_loop(self, tick: float = LAG_TICK_S) -> None:
+        """Keep ``lag_s``: how late the loop wakes a sleeper, up at once, decaying down.
+
+        Under a flood of 3 MB bodies the ticks came 0-1 s late, on-time ones among them
+        (122 ticks in 12 s): a gate on the lag of two ticks in a row hardly fired (32-65
+        refusals, 1679-1919 DEADLINE_EXCEEDED); at once up it did (262-364, 0)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(tick)
+            late = max(0.0, loop.time() - start - tick)
+            self.lag_s = late if late > self.lag_s else 0.7 * self.lag_s + 0.3 * late
 
     async def drain(self, timeout: float | None) -> bool:
         """Refuse new calls; wait up to ``timeout`` s for those in flight. True: idle."""
@@ -278,10 +316,19 @@ class Gate(grpc.aio.ServerInterceptor):
                 f"{method}: the server is shutting down and accepts no new requests; retry "
                 f"on another replica",
             )
+        if self.max_lag_s and self.lag_s > self.max_lag_s and method in INFERENCE:
+            self._on_refused("loop")
+            return refusal(
+                handler,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{method}: the server is {self.lag_s * 1e3:.0f} ms behind with the calls it "
+                f"has (--max-loop-lag-ms {self.max_lag_s * 1e3:.0f}); retry later or on "
+                f"another replica",
+            )
         return self._handlers.get(method, handler)
 
     def _counted(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        streaming = handler.request_streaming or handler.response_streaming
+        streaming = _streaming(handler)
         behavior = behavior_of(handler)
         if not streaming:
             return rewrap(

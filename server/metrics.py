@@ -8,7 +8,7 @@ Names (all prefixed ``visionserve_``):
 - ``queue_seconds{model}``, ``compute_seconds{model}``, ``batch_size{model}``,
   ``inference_rows_total{model}``: measured by each model's dynamic batcher.
 - ``shed_total{model,reason}``: requests refused before any work was spent on them
-  (``model`` empty for the server-wide reasons ``streams`` and ``draining``).
+  (``model`` empty for the server-wide reasons ``streams``, ``draining`` and ``loop``).
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class Metrics:
             "visionserve_shed",
             "requests refused before any work was spent on them, by reason: capacity "
             "(admission limit), deadline (cannot be met), queue (batcher queue full), "
-            "streams (--max-streams), draining (shutting down)",
+            "streams (--max-streams), draining (shutting down), loop (the event loop "
+            "behind, --max-loop-lag-ms)",
             ["model", "reason"],
             registry=r,
         )

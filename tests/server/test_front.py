@@ -289,3 +289,61 @@ def test_a_refused_call_frees_its_request_at_once(start_server) -> None:
               if type(o).__name__ == "frame" and "visionserve" in o.f_code.co_filename]  # fmt: skip
     assert not held and not frames, (len(held), sorted(set(frames)))
     assert len(garbage) < 60 * 12, len(garbage)  # gRPC's own: ~5 objects per call
+
+
+def test_the_loop_lag_is_measured_and_decays() -> None:
+    from visionserve.server.interceptors import Gate
+
+    async def main() -> tuple[float, float]:
+        gate = Gate(8, max_lag_s=0.1)
+        watch = asyncio.get_running_loop().create_task(gate.watch_loop())
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # the loop blocked
+        await asyncio.sleep(0.03)
+        late = gate.lag_s
+        await asyncio.sleep(0.5)
+        watch.cancel()
+        return late, gate.lag_s
+
+    late, after = _run(main())
+    assert late > 0.2 and after < 0.05, (late, after)
+
+
+def test_while_the_loop_lags_inference_calls_are_refused_unread(start_server) -> None:
+    """A loop kept ~100 ms behind (its thread blocked in slices) with --max-loop-lag-ms 50:
+    Classify is refused RESOURCE_EXHAUSTED naming the setting (counted as shed "loop"),
+    health and GetModel still answer; once the loop keeps up, Classify is served."""
+    server = start_server(max_loop_lag_ms=50, metrics_port=0)
+    done = threading.Event()
+
+    async def lag_the_loop() -> None:
+        while not done.is_set():
+            time.sleep(0.1)
+            await asyncio.sleep(0)
+
+    server._loop.submit(lag_the_loop())
+    request = _request(3)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            time.sleep(0.3)
+            codes, details = [], ""
+            for _ in range(5):
+                try:
+                    stub.Segment(request, timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    details = exc.details()
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            info = stub.GetModel(pb.GetModelRequest(model=SEG), timeout=10)
+            done.set()
+            time.sleep(0.3)
+            after = stub.Segment(request, timeout=10)
+    finally:
+        done.set()
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 3, codes
+    assert "ms behind" in details and "--max-loop-lag-ms 50" in details, details
+    assert health.status == health_pb2.HealthCheckResponse.SERVING and info.name == SEG
+    assert after.request_id == "3"
+    assert metric(scrape(server.metrics_port), "visionserve_shed_total", model="", reason="loop") >= 3

@@ -1,0 +1,91 @@
+"""Admission control's capacity: the inference rate, or the rate of answers while the
+model stayed backlogged where that is lower (decoding large images costs more than
+inferring them). A clock is passed in so the windows are exact."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from visionserve.server.admission import SERVED_FRESH_S, Admission, AdmissionPolicy
+from visionserve.server.errors import ResourceExhausted
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _gate(clock: Clock, batch: int = 4) -> Admission:
+    gate = Admission(
+        "m v1", AdmissionPolicy(wait_s=1.0), instances=1, max_batch_size=batch,
+        max_queue_size=5000, clock=clock,
+    )  # fmt: skip
+    gate.on_batch(batch, batch / 2000)  # inference alone: 2000 rows/s
+    return gate
+
+
+def _answer_while_backlogged(gate: Admission, clock: Clock, rate: float, seconds: float) -> None:
+    """Keep ``gate`` full enough to be backlogged and answer ``rate`` requests/s."""
+    for _ in range(round(rate * seconds)):
+        while gate.admitted < 40:
+            gate.try_admit()
+        clock.now += 1 / rate
+        gate.release()
+
+
+def test_capacity_is_the_inference_rate_until_the_model_is_backlogged() -> None:
+    clock = Clock()
+    gate = _gate(clock)
+    assert gate.capacity == pytest.approx(2000)
+    for _ in range(100):  # one request at a time: answered at 20/s, never backlogged
+        gate.try_admit()
+        clock.now += 0.05
+        gate.release()
+    assert gate.capacity == pytest.approx(2000) and gate.limit == 2000
+
+
+def test_answers_while_backlogged_set_the_capacity_and_the_limit() -> None:
+    clock = Clock()
+    gate = _gate(clock)
+    _answer_while_backlogged(gate, clock, rate=50, seconds=5)
+    assert gate.capacity == pytest.approx(50, rel=0.05)
+    assert gate.limit == pytest.approx(50, abs=3)
+    with pytest.raises(ResourceExhausted, match=r"requests/s x --admission-wait-ms 1000"):
+        while True:
+            gate.try_admit()
+    assert gate.admitted == gate.limit
+
+
+def test_a_window_in_which_the_backlog_ran_out_does_not_count() -> None:
+    clock = Clock()
+    gate = _gate(clock)
+    for _ in range(20):  # 8 in, answered over 0.8 s, the last ones with the backlog gone
+        for _ in range(8):
+            gate.try_admit()
+        for _ in range(8):
+            clock.now += 0.1
+            gate.release()
+    assert gate.capacity == pytest.approx(2000)
+
+
+def test_a_stale_answer_rate_no_longer_counts() -> None:
+    clock = Clock()
+    gate = _gate(clock)
+    _answer_while_backlogged(gate, clock, rate=50, seconds=3)
+    assert gate.capacity == pytest.approx(50, rel=0.05)
+    clock.now += SERVED_FRESH_S + 1
+    assert gate.capacity == pytest.approx(2000)
+
+
+def test_the_deadline_check_uses_the_answer_rate() -> None:
+    clock = Clock()
+    gate = _gate(clock)
+    _answer_while_backlogged(gate, clock, rate=50, seconds=3)
+    ahead = gate.admitted  # 39: ~0.8 s of work at 50/s
+    gate.try_admit(deadline=time.monotonic() + 1.5)
+    with pytest.raises(ResourceExhausted, match=rf"{ahead + 1} requests are ahead.* at 5\d images/s"):
+        gate.try_admit(deadline=time.monotonic() + 0.5)
