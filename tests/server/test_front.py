@@ -298,7 +298,7 @@ def test_the_loop_lag_is_measured_and_decays() -> None:
         gate = Gate(8, max_lag_s=0.1)
         watch = asyncio.get_running_loop().create_task(gate.watch_loop())
         await asyncio.sleep(0.05)
-        time.sleep(0.3)  # the loop blocked
+        time.sleep(0.3)  # the loop blocked  # noqa: ASYNC251 - the loop blocked on purpose
         await asyncio.sleep(0.03)
         late = gate.lag_s
         await asyncio.sleep(0.5)
@@ -318,7 +318,7 @@ def test_while_the_loop_lags_inference_calls_are_refused_unread(start_server) ->
 
     async def lag_the_loop() -> None:
         while not done.is_set():
-            time.sleep(0.1)
+            time.sleep(0.1)  # noqa: ASYNC251 - the loop kept behind on purpose
             await asyncio.sleep(0)
 
     server._loop.submit(lag_the_loop())
