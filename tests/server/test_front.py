@@ -298,7 +298,7 @@ def test_the_loop_lag_is_measured_and_decays() -> None:
         gate = Gate(8, max_lag_s=0.1)
         watch = asyncio.get_running_loop().create_task(gate.watch_loop())
         await asyncio.sleep(0.05)
-        time.sleep(0.3)  # the loop blocked  # noqa: ASYNC251 - the loop blocked on purpose
+        time.sleep(0.3)  # noqa: ASYNC251 - the loop blocked on purpose
         await asyncio.sleep(0.03)
         late = gate.lag_s
         await asyncio.sleep(0.5)
