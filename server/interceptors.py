@@ -17,6 +17,7 @@ import hmac
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -259,10 +260,11 @@ class Gate(grpc.aio.ServerInterceptor):
     ``max_lag_s`` behind (``watch_loop``), a new unary inference call (``INFERENCE``) is
     refused RESOURCE_EXHAUSTED before its body is read: under a flood of large images
     the front end, not the model, is what is full, and reading a body only to refuse it
-    is most of a refusal's cost. Off by default (``max_lag_s`` 0): 3 MB PNGs at 287/s on
-    2 cores, in a fast phase of the machine: 0 and 769 DEADLINE_EXCEEDED without it, 0 in
-    four runs with it at 250 ms; in a slower phase (236/s): 366, 184 without, 9, 265 with
-    it: not distinguishable from the machine's drift there."""
+    is most of a refusal's cost. 3 MB PNGs to the tiny classifier at 170/s for 20 s on
+    2 cores (about twice what it answered), alternating runs: goodput 0.05 and 0.05 of
+    capacity without it (760-1,409 DEADLINE_EXCEEDED, refusals after 1.7-1.8 s, 2.8-3.3
+    GB resident), 0.47 and 0.64 with it (240 and 0 DEADLINE_EXCEEDED, refusals after
+    0.1-0.5 s, 1.7-2.1 GB)."""
 
     def __init__(
         self,
@@ -282,17 +284,19 @@ class Gate(grpc.aio.ServerInterceptor):
         self._handlers = PerMethod(self._counted)
 
     async def watch_loop(self, tick: float = LAG_TICK_S) -> None:
-        """Keep ``lag_s``: how late the loop wakes a sleeper, up at once, decaying down.
+        """Keep ``lag_s``: how late the loop woke a sleeper, the second latest of the last
+        four ticks, so a loop that keeps falling behind counts and one stall (the calls it
+        held then taken at once) does not.
 
-        Under a flood of 3 MB bodies the ticks came 0-1 s late, on-time ones among them
-        (122 ticks in 12 s): a gate on the lag of two ticks in a row hardly fired (32-65
-        refusals, 1679-1919 DEADLINE_EXCEEDED); at once up it did (262-364, 0)."""
-        loop = asyncio.get_running_loop()
+        Under a flood of 3 MB bodies ticks came 0-1 s late with on-time ones among them
+        (122 ticks in 12 s): a gate on two late ticks in a row hardly fired (32-65 of ~2,900
+        calls refused, 1,679-1,919 DEADLINE_EXCEEDED); on any late tick it did (262-364, 0)."""
+        loop, lates = asyncio.get_running_loop(), deque([0.0] * 4, maxlen=4)
         while True:
             start = loop.time()
             await asyncio.sleep(tick)
-            late = max(0.0, loop.time() - start - tick)
-            self.lag_s = late if late > self.lag_s else 0.7 * self.lag_s + 0.3 * late
+            lates.append(max(0.0, loop.time() - start - tick))
+            self.lag_s = sorted(lates)[-2]
 
     async def drain(self, timeout: float | None) -> bool:
         """Refuse new calls; wait up to ``timeout`` s for those in flight. True: idle."""

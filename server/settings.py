@@ -115,11 +115,11 @@ class ServerSettings:
         "0 = derived from capacity and --admission-wait-ms",
     )
     max_loop_lag_ms: float = setting(
-        0.0,
+        250.0,
         group=ADMISSION,
-        help="while the event loop runs this far behind, new unary inference calls are "
-        "answered RESOURCE_EXHAUSTED before their body is read (a flood of large images "
-        "the front end cannot take in; try 250); 0 = off",
+        help="while the event loop keeps running this far behind, new unary inference "
+        "calls are answered RESOURCE_EXHAUSTED before their body is read (a flood of "
+        "large images the front end cannot take in); 0 = off",
     )
     warmup: bool = setting(True, env_note="0 skips it", help="skip the warm-up inference at load")
     max_batch_size: int | None = setting(
