@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pinning import on_cpus  # noqa: E402 - the bench folder is not a package
+from _proc import status_mib  # noqa: E402
 from bench_segment_cli import _run_bare, free_port, placements, process_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +90,7 @@ def bare_tiles_per_s(repo: Path, model: str, args: argparse.Namespace) -> tuple[
 
 
 def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mib(pid, "VmHWM")
 
 
 def image_of(side: int, seed: int, block: int = 16) -> bytes:

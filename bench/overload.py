@@ -44,6 +44,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from _proc import status_mib  # noqa: E402 - the bench folder is not a package
 
 
 def parse_args() -> argparse.Namespace:
@@ -307,9 +309,7 @@ class ResidentMemory:
         self.before = self.now()
 
     def now(self) -> float:
-        with open(f"/proc/{self.pid}/status") as status:
-            line = next(line for line in status if line.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
+        return status_mib(self.pid, "VmRSS")
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
