@@ -126,6 +126,7 @@ class VisionServer:
             drain_timeout=max(settings.grace_period_s, 1.0),
             limits=settings.request_limits(),
             admission=settings.admission_policy(),
+            inference_nice=settings.inference_nice,
         )
 
     def is_ready(self) -> bool:

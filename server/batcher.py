@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from visionserve.server.cores import lower_thread_priority
 from visionserve.server.errors import (
     BackendError,
     DeadlineExceeded,
@@ -161,7 +162,10 @@ class Batcher:
         queue_size: int,
         instances: int = 1,
         observer: BatchObserver | None = None,
+        nice: int = 0,
     ) -> None:
+        """``nice``: the worker threads lower their priority by that many steps (the
+        threads that run a CPU model; ``cores.lower_thread_priority``)."""
         if max_batch_size < 1:
             raise ValueError(f"{name}: max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue_delay_s < 0:
@@ -175,6 +179,7 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._infer = infer
         self._observer = observer
+        self._nice = nice
         self._queue: queue.Queue[QueuedRequest | _Stop] = queue.Queue(maxsize=queue_size)
         self._submit_lock = threading.Lock()
         self._collect_lock = threading.Lock()
@@ -282,6 +287,7 @@ class Batcher:
         lets the GIL go) after that would wait behind every one of them, leaving the
         backend idle; stacked first, the next batch reaches the backend at once.
         """
+        lower_thread_priority(self._nice)
         held: list[_Done] = []  # the last batch's results, not yet handed out
         while True:
             if held and not self._collect_lock.acquire(blocking=False):

@@ -1,9 +1,16 @@
-"""The CPU cores this process may run on: one home for the rule the server's thread pools,
-ONNX Runtime's default threads and the demo's trainings share."""
+"""The CPU cores this process may run on, and how its threads share them: one home for
+the rule the server's thread pools, ONNX Runtime's default threads and the demo's
+trainings share, and for lowering the priority of the threads that run inference."""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -11,3 +18,41 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def lower_thread_priority(steps: int) -> bool:
+    """Lower the calling thread's CPU priority by ``steps`` nice steps: True when done.
+
+    Linux only, where nice is a thread's own (elsewhere it would lower the whole process,
+    so nothing is done). A thread keeps it, and the threads it creates inherit it."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.nice(steps)
+    except OSError:
+        return False
+    return True
+
+
+def call_at_lower_priority(steps: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a new thread whose priority is lowered by ``steps``
+    (``lower_thread_priority``), so that the threads ``fn`` creates (ONNX Runtime's pool)
+    run at that priority too; its result, or its exception raised here."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return fn(*args, **kwargs)
+    outcome: list[Any] = []
+
+    def lowered() -> None:
+        lower_thread_priority(steps)
+        try:
+            outcome.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=lowered, name="visionserve-lowered", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

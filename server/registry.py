@@ -65,13 +65,15 @@ def load_model(
     source: tuple[int, ...] | None = None,
     limits: RequestLimits = RequestLimits(),
     admission: AdmissionPolicy = AdmissionPolicy(),
+    inference_nice: int = 0,
 ) -> ServedModel:
     """One repository entry loaded as the server loads it: ``overrides`` (the server's
     model.yaml overrides) applied, the first backend that loads, warmed up. Also the
-    in-process path's loader (``visionserve segment --repository``)."""
+    in-process path's loader (``visionserve segment --repository``). ``inference_nice``:
+    a CPU model computes that many priority steps below the server's other threads."""
     config = dataclasses.replace(entry.config, **(overrides or {}))
     entry = dataclasses.replace(entry, config=config)
-    backend = load_backend(entry, intra_op_threads)
+    backend = load_backend(entry, intra_op_threads, inference_nice)
     try:
         model = ServedModel(
             entry.name,
@@ -82,6 +84,7 @@ def load_model(
             source=source,
             limits=limits,
             admission=admission,
+            inference_nice=inference_nice,
         )
     except BaseException:
         backend.close()
@@ -112,6 +115,7 @@ class ModelRegistry:
         drain_timeout: float = 30.0,
         limits: RequestLimits = RequestLimits(),
         admission: AdmissionPolicy = AdmissionPolicy(),
+        inference_nice: int = 0,
     ) -> None:
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._failures: dict[str, LoadFailure] = {}
@@ -125,6 +129,7 @@ class ModelRegistry:
         self._drain_timeout = drain_timeout
         self._limits = limits
         self._admission = admission
+        self._inference_nice = inference_nice
         self.ready = False
 
     # -- loading -------------------------------------------------------------------------
@@ -249,6 +254,7 @@ class ModelRegistry:
             source=source,
             limits=self._limits,
             admission=self._admission,
+            inference_nice=self._inference_nice,
         )
 
     def _notify(self, name: str, serving: bool) -> None:

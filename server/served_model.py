@@ -96,7 +96,10 @@ class ServedModel:
         source: object = None,
         limits: RequestLimits = RequestLimits(),
         admission: AdmissionPolicy = AdmissionPolicy(),
+        inference_nice: int = 0,
     ) -> None:
+        """``inference_nice``: a model on the CPU runs its batches that many priority
+        steps below the server's other threads (``Batcher``'s ``nice``)."""
         self.name = name
         self.version = version
         self.config = config
@@ -123,6 +126,7 @@ class ServedModel:
             queue_size=config.max_queue_size,
             instances=config.instances,
             observer=Observers(self.statistics, observer),
+            nice=inference_nice if backend.device == "cpu" else 0,
         )
         self.admission = Admission(
             f"{name} v{version}",

@@ -85,6 +85,12 @@ class ServerSettings:
         help="ONNX Runtime threads per model instance; "
         "0 = the usable cores divided by the model's instances",
     )
+    inference_nice: int = setting(
+        10,
+        help="CPU models compute this many priority steps (Linux nice) below the event loop "
+        "and decoding: when the cores are all busy, refusals and health answers do not wait "
+        "behind a batch, and inference still takes every idle cycle; 0 = the same priority",
+    )
     max_concurrent_rpcs: int = setting(
         0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
     )
@@ -213,6 +219,11 @@ class ServerSettings:
         if self.intra_op_threads < 0:
             raise ValueError(
                 f"intra_op_threads must be >= 0 (0 = the cores divided by the model's instances), got {self.intra_op_threads}"
+            )
+        if not 0 <= self.inference_nice <= 19:
+            raise ValueError(
+                f"inference_nice must be in 0..19 (priority steps below the server's other "
+                f"threads; 0 = the same), got {self.inference_nice}"
             )
         if self.workers < 0 or self.max_admitted < 0 or self.admission_wait_ms < 0:
             raise ValueError(

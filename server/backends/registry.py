@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from visionserve.server.cores import usable_cores
+from visionserve.server.cores import call_at_lower_priority, usable_cores
 
 if TYPE_CHECKING:
     from visionserve.server.backends.base import Backend
@@ -73,14 +73,19 @@ BACKEND_NAMES: tuple[str, ...] = tuple(FACTORIES)
 GPU_BACKENDS: frozenset[str] = frozenset({"tensorrt", "onnxruntime-cuda"})
 
 
-def load_backend(entry: ModelEntry, intra_op_threads: int = 0) -> Backend:
+def load_backend(entry: ModelEntry, intra_op_threads: int = 0, nice: int = 0) -> Backend:
     """Try the model's ``backends`` in order; the first that loads wins (logged with its
-    device). A GPU backend that fails is logged at WARNING, the others at INFO."""
+    device). A GPU backend that fails is logged at WARNING, the others at INFO.
+
+    ``nice``: a CPU backend is created in a thread whose priority is that many steps
+    lower, so the threads it creates to compute (ONNX Runtime's pool) run below the
+    server's front end (``cores.call_at_lower_priority``)."""
     failures: list[str] = []
     tried: list[str] = []
     for name in entry.config.backends:
         try:
-            backend = FACTORIES[name](entry, intra_op_threads)
+            steps = 0 if name in GPU_BACKENDS else nice
+            backend = call_at_lower_priority(steps, FACTORIES[name], entry, intra_op_threads)
         except Exception as exc:  # noqa: BLE001 - each failure is reported below
             level = logging.WARNING if name in GPU_BACKENDS else logging.INFO
             log.log(level, "%s v%d: backend %s not used: %s", entry.name, entry.version, name, exc)

@@ -66,6 +66,12 @@ def test_serve_subprocess_serves_and_stops_on_sigterm(model_repository: Path) ->
                 timeout=10,
             )
             assert reply.top[0].label == "green"
+        if sys.platform.startswith("linux"):  # default --inference-nice 10: see test_priority
+            base = os.getpriority(os.PRIO_PROCESS, process.pid)
+            nices = [os.getpriority(os.PRIO_PROCESS, int(t))
+                     for t in os.listdir(f"/proc/{process.pid}/task")]  # fmt: skip
+            assert set(nices) == {base, min(base + 10, 19)}, nices
+            assert nices.count(min(base + 10, 19)) >= 2, nices  # each model's batcher
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
