@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
 from visionserve.server.acceptors import Acceptors
+from visionserve.server.allocator import keep_large_blocks
 from visionserve.server.backends.registry import describe
 from visionserve.server.decoder_guard import check_decoders
 from visionserve.server.interceptors import (
@@ -353,6 +354,7 @@ def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None 
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("%s", keep_large_blocks())  # megabyte requests reuse memory (allocator.py)
     try:
         server, port = create_server(settings)
         # What start-up made (modules, models, gRPC) lives as long as the process: out
