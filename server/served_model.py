@@ -126,7 +126,7 @@ class ServedModel:
             queue_size=config.max_queue_size,
             instances=config.instances,
             observer=Observers(self.statistics, observer),
-            nice=inference_nice if backend.device == "cpu" else 0,
+            nice=inference_nice if inference_nice and backend.device == "cpu" else 0,
         )
         self.admission = Admission(
             f"{name} v{version}",

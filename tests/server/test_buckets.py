@@ -164,6 +164,7 @@ class RecordingBackend:
     def __init__(self, backend) -> None:  # type: ignore[no-untyped-def]
         self._backend = backend
         self.name, self.inputs, self.outputs = backend.name, backend.inputs, backend.outputs
+        self.device = backend.device
         self.shapes: list[tuple[int, ...]] = []
         self.gate = threading.Event()  # the first batch waits for it: the model is busy
         self.gate.set()
