@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import re
 import statistics
 import subprocess
@@ -281,24 +282,38 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
         firsts: list[float] = []
         start = time.perf_counter()
 
-        async def stream() -> int:
-            call, answered = stub.SegmentStream(timeout=120), 0
+        async def stream() -> str:
+            """"OK", or what the stream got instead (an in-band error, a call's status)."""
+            call = stub.SegmentStream(timeout=120)
+            failures = []
             for k in range(2):
                 await call.write(request)
                 reply = await call.read()
-                answered += reply.error_code == 0
+                if reply is grpc.aio.EOF:
+                    return "ended early"
+                if reply.error_code != 0:
+                    failures.append(f"in-band code {reply.error_code}: {reply.error_message}"[:160])
                 if k == 0:
                     firsts.append(time.perf_counter() - start)
             await call.done_writing()
             await call.read()
-            return answered
+            return failures[0] if failures else "OK"
 
-        answered = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
+        outcomes = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
         stop.set()
         checks = await probe
-    ok = sum(1 for a in answered if a == 2)
-    return {"streams": count, "answered": ok, "slowest_first_s": max(firsts or [0]),
-            "all_s": time.perf_counter() - start, "health_max_s": max(checks or [0])}  # fmt: skip
+    failed = collections.Counter(_stream_failure(o) for o in outcomes if o != "OK")
+    return {"streams": count, "answered": count - sum(failed.values()), "failed": dict(failed),
+            "slowest_first_s": max(firsts or [0]), "all_s": time.perf_counter() - start,
+            "health_max_s": max(checks or [0])}  # fmt: skip
+
+
+def _stream_failure(outcome: object) -> str:
+    """A stream's failure, in words: its status code and details, or what it got in-band."""
+    details = getattr(outcome, "details", None)
+    if callable(details):
+        return f"{outcome.code().name}: {details()}"[:160]
+    return str(outcome)[:160]
 
 
 class ResidentMemory:
@@ -386,6 +401,8 @@ def report(served: dict, streams: dict, args) -> None:
     print(f"streams: {streams['answered']}/{streams['streams']} streams answered both requests; "
           f"slowest first answer {streams['slowest_first_s']:.2f} s, all done in {streams['all_s']:.2f} s; "
           f"health Check max {streams['health_max_s'] * 1e3:.1f} ms")  # fmt: skip
+    if streams["failed"]:
+        print(f"  streams that failed: {streams['failed']}")
 
 
 def main() -> int:
