@@ -5,8 +5,8 @@ as such blocks are freed, and not for blocks freed by another thread's arena) as
 mappings, and gives the top of its heaps back to the kernel past its trim threshold. A
 server receiving 3 MB images then maps, zero-fills and unmaps every buffer along the way
 (gRPC's slices, the request message, the decoded image): measured, 1,545 page faults and
-7.2 ms for a 3 MB request refused at once (2.9 ms of it the faults), 56 faults and 3.9 ms
-with the thresholds below. ``keep_large_blocks`` sets them once, at start-up; the cost is
+7.2 ms for a 3 MB request refused at once, 56 faults and 3.9 ms with the mmap threshold
+below and a 64 MiB trim threshold (32 MiB, the one set, measured alike in the bench). ``keep_large_blocks`` sets them once, at start-up; the cost is
 memory freed but not given back, at most ``TRIM_THRESHOLD`` per malloc arena.
 
 Only on glibc, and only where the operator has not chosen malloc settings of their own
