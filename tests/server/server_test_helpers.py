@@ -4,6 +4,7 @@ the visionserve.v1 answer to compare other paths with."""
 from __future__ import annotations
 
 import re
+import subprocess
 import urllib.request
 
 import cv2
@@ -48,3 +49,12 @@ def v1_segment(stub, model: str, image: bytes, truth: bytes) -> tuple[np.ndarray
     )
     mask = np.frombuffer(reply.mask.data, np.uint8).reshape(reply.mask.height, reply.mask.width)
     return mask, reply.iou
+
+
+def read_port(process: subprocess.Popen) -> int:
+    """The port a ``visionserve serve`` process announces ("serving on HOST:PORT")."""
+    for line in process.stdout:
+        match = re.search(r"serving on .*:(\d+)$", line.strip())
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"server exited (rc={process.wait()}) without announcing its port")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import grpc
 import make_models
 import numpy as np
 import pytest
+from server_test_helpers import read_port
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 
@@ -45,8 +45,7 @@ def faults_per_request(repository: Path, tunables: str | None) -> tuple[float, s
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
-        port = next(int(m.group(1)) for line in process.stdout
-                    if (m := re.search(r"serving on .*:(\d+)$", line.strip())))  # fmt: skip
+        port = read_port(process)
         rng = np.random.default_rng(7)
         images = [cv2.imencode(".png", rng.integers(0, 256, (1000, 1000, 3), np.uint8))[1].tobytes()
                   for _ in range(3)]  # fmt: skip

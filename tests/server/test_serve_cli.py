@@ -17,25 +17,18 @@ import make_models
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from visionserve.commands._settings_cli import settings_table
+from server_test_helpers import read_port
 from visionserve.protos import visionserve_pb2 as pb
 from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.settings import SETTINGS, ServerSettings
 from visionserve.server.settings_spec import Declared
 
+from visionserve.commands._settings_cli import settings_table
+
 SERVE = [sys.executable, "-m", "visionserve.cli", "serve"]
 README = Path(__file__).resolve().parents[2] / "README.md"
 TABLE_START = "<!-- settings table: generated from server/settings.py"
 TABLE_END = "<!-- end of the settings table -->"
-
-
-def _read_port(process: subprocess.Popen) -> int:
-    for line in process.stdout:
-        match = re.search(r"serving on .*:(\d+)$", line.strip())
-        if match:
-            return int(match.group(1))
-    raise AssertionError(f"server exited (rc={process.wait()}) without announcing its port")
 
 
 def _start_serve(model_repository: Path) -> subprocess.Popen:
@@ -52,7 +45,7 @@ def _start_serve(model_repository: Path) -> subprocess.Popen:
 def test_serve_subprocess_serves_and_stops_on_sigterm(model_repository: Path) -> None:
     process = _start_serve(model_repository)
     try:
-        port = _read_port(process)
+        port = read_port(process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10
@@ -98,7 +91,7 @@ def test_serve_acts_on_a_sigterm_caught_by_another_thread(model_repository: Path
     still wake up and drain. With a main thread blocked in ``Event.wait()`` it never did."""
     process = _start_serve(model_repository)
     try:
-        _read_port(process)
+        read_port(process)
         assert _signal_a_thread_other_than_main(process.pid, signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
