@@ -89,3 +89,41 @@ def test_the_deadline_check_uses_the_answer_rate() -> None:
     gate.try_admit(deadline=time.monotonic() + 1.5)
     with pytest.raises(ResourceExhausted, match=rf"{ahead + 1} requests are ahead.* at 5\d images/s"):
         gate.try_admit(deadline=time.monotonic() + 0.5)
+
+
+def test_every_request_admitted_fits_in_the_batchers_queue() -> None:
+    """A lone request runs as a batch of one (adaptive batching) while a burst is
+    admitted: with the limit at the queue plus one batch, the queue overflowed and
+    admitted stream items were answered "queue full" in-band. The limit (derived or
+    ``max_admitted``) is never above the queue, whatever the worker is doing."""
+    import threading
+
+    import numpy as np
+    from visionserve.server.batcher import Batcher
+
+    running, go = threading.Event(), threading.Event()
+
+    def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+        running.set()
+        go.wait(10)
+        return {"y": batch}
+
+    batcher = Batcher("m v1", infer, max_batch_size=4, max_queue_delay_s=0.0, queue_size=8)
+    for policy in (AdmissionPolicy(wait_s=1.0), AdmissionPolicy(max_admitted=100)):
+        running.clear(), go.clear()
+        gate = Admission("m v1", policy, instances=1, max_batch_size=4, max_queue_size=8)
+        gate.on_batch(4, 4 / 2000)  # measured fast: the derived limit would be 2,000
+        gate.try_admit()
+        futures = [batcher.submit(np.zeros((1, 2), np.float32))]
+        assert running.wait(10)  # a batch of one is running, holding the only instance
+        with pytest.raises(ResourceExhausted, match="admission limit") as refused:
+            while True:
+                gate.try_admit()
+                futures.append(batcher.submit(np.zeros((1, 2), np.float32)))  # never "queue full"
+        assert "8 requests are already queued or running" in str(refused.value)
+        assert len(futures) == gate.admitted == gate.limit == 8
+        go.set()
+        assert all(f.result(10)["y"].shape == (1, 2) for f in futures)
+        for _ in futures:
+            gate.release()
+    batcher.close(10)
