@@ -6,6 +6,7 @@ checked before a large body."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 
@@ -73,6 +74,36 @@ def test_64_long_lived_streams_are_all_served_on_default_settings(start_server) 
     firsts, check_s = _run(main())
     assert len(firsts) == 64 and max(firsts) < 10, sorted(firsts)[-5:]
     assert check_s < 0.5
+
+
+def test_2000_streams_opened_at_once_all_reach_the_server(start_server) -> None:
+    """grpc.aio takes one stream call at a time; the rest wait in gRPC core, which
+    dropped some past its default 1,000 pending calls (the client's first write failed
+    INTERNAL "Internal error from Core"): every stream under --max-streams is answered."""
+    server = start_server()
+    request = pb.SegmentRequest(
+        model=SEG, image=pb.Image(raw=pb.RawImage(data=bytes(32 * 32 * 3), height=32, width=32, channels=3))
+    )
+
+    async def main() -> dict[str, int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+
+            async def stream() -> str:
+                call = stub.SegmentStream(timeout=100)
+                try:
+                    await call.write(request)
+                    reply = await call.read()
+                    await call.done_writing()
+                    assert await call.read() == grpc.aio.EOF
+                except grpc.aio.AioRpcError as exc:
+                    return f"{exc.code().name}: {exc.details()}"
+                return "OK" if reply.error_code == 0 else reply.error_message
+
+            outcomes = await asyncio.gather(*(stream() for _ in range(2000)))
+            return dict(collections.Counter(outcomes))
+
+    assert asyncio.run(asyncio.wait_for(main(), 110)) == {"OK": 2000}
 
 
 def test_a_flood_is_shed_at_once_and_health_answers_while_saturated(start_server) -> None:
