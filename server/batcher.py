@@ -9,7 +9,11 @@ first waiting request opens a batch that closes when ``max_batch_size`` rows are
 ``max_queue_delay`` has passed since that first request arrived. While one instance
 runs a batch, the next one forms its own.
 
-- The queue is bounded: ``submit`` raises ``ResourceExhausted`` when it is full.
+- The queue is bounded: ``submit`` raises ``ResourceExhausted`` when it is full. Tiles
+  of a large image (``tile=True``) have a bound of their own, the same size: they never
+  take the places of whole requests (streams mixing tiled and small images had 436-662
+  of 1,000 streams answered "queue full" in-band when they shared one), and a tiled
+  image submits its next tiles when there is room (``TiledRun``).
 - Requests whose deadline has passed, or that their caller cancelled, are dropped
   before the batch runs: they never reach the backend.
 - Requests are grouped by shape (``collate``, a pure function); each group runs as
@@ -58,6 +62,7 @@ class QueuedRequest:
     future: Future
     enqueued_at: float  # time.monotonic()
     deadline: float | None  # time.monotonic() after which it must not run
+    tile: bool = False  # a tile of a larger image (bounded apart from whole requests)
 
     @property
     def rows(self) -> int:
@@ -180,7 +185,9 @@ class Batcher:
         self._infer = infer
         self._observer = observer
         self._nice = nice
-        self._queue: queue.Queue[QueuedRequest | _Stop] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[QueuedRequest | _Stop] = queue.Queue()
+        self._queue_size = queue_size
+        self._waiting = [0, 0]  # whole requests, tiles in the queue (under _submit_lock)
         self._submit_lock = threading.Lock()
         self._collect_lock = threading.Lock()
         self._slots = threading.Semaphore(instances)  # batches running at once
@@ -196,7 +203,7 @@ class Batcher:
 
     @property
     def queue_size(self) -> int:
-        return self._queue.maxsize
+        return self._queue_size
 
     def depth(self) -> int:
         """Requests waiting (approximate)."""
@@ -207,13 +214,19 @@ class Batcher:
         return self._running == 0 and self._queue.empty()
 
     def submit(
-        self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
+        self,
+        tensor: np.ndarray,
+        deadline: float | None = None,
+        *,
+        inline: bool = False,
+        tile: bool = False,
     ) -> Future:
         """Queue ``tensor`` ([rows, ...]); the future resolves to its outputs (same rows).
 
         ``inline=True`` is for a caller that waits for the result right away: when the
         queue is empty, the queue delay 0 and an instance free, the request runs in the
         caller's thread before ``submit`` returns (the future is then already done).
+        ``tile=True``: a tile of a larger image, queued within the tiles' own bound.
 
         Raises ``InvalidArgument`` (bad rows), ``DeadlineExceeded`` (deadline already
         passed), ``ResourceExhausted`` (queue full) or ``Unavailable`` (closed).
@@ -229,7 +242,7 @@ class Batcher:
             raise DeadlineExceeded(
                 f"{self.name}: the request's deadline passed before it was queued"
             )
-        item = QueuedRequest(tensor, Future(), now, deadline)
+        item = QueuedRequest(tensor, Future(), now, deadline, tile)
         with self._submit_lock:
             if self._closed:
                 raise Unavailable(f"{self.name} is being unloaded or the server is shutting down")
@@ -239,13 +252,14 @@ class Batcher:
                 and self._slots.acquire(blocking=False)
             )
             if not inline:
-                try:
-                    self._queue.put_nowait(item)
-                except queue.Full:
+                if self._waiting[tile] >= self._queue_size:
+                    what = "tile" if tile else "request"
                     raise ResourceExhausted(
-                        f"{self.name}: the request queue is full ({self.queue_size} requests "
+                        f"{self.name}: the {what} queue is full ({self.queue_size} {what}s "
                         f"waiting): retry later, or raise max_queue_size"
-                    ) from None
+                    )
+                self._waiting[tile] += 1
+                self._queue.put_nowait(item)
         if inline:
             self._run_inline(item)
         return item.future
@@ -257,7 +271,7 @@ class Batcher:
                 return
             self._closed = True
         for _ in self._workers:
-            self._queue.put(STOP)  # blocks while full: the workers are draining it
+            self._queue.put(STOP)  # after everything queued before it
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in self._workers:
             worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -321,6 +335,7 @@ class Batcher:
             return [], False
         if isinstance(first, _Stop):
             return [], True
+        self._taken(first)
         items, rows = [first], first.rows
         flush_at = first.enqueued_at + self.max_queue_delay_s
         while rows < self.max_batch_size:
@@ -337,9 +352,14 @@ class Batcher:
                 break
             if isinstance(item, _Stop):
                 return items, True
+            self._taken(item)
             items.append(item)
             rows += item.rows
         return items, False
+
+    def _taken(self, item: QueuedRequest) -> None:
+        with self._submit_lock:
+            self._waiting[item.tile] -= 1
 
     def _prepare(self, items: list[QueuedRequest]) -> list[tuple[list[QueuedRequest], np.ndarray]]:
         """Drop cancelled and expired requests; stack the rest into batches."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -194,7 +195,7 @@ class ServedModel:
         run = TiledRun(
             job.image,
             plan,
-            submit=self.submit,
+            submit=functools.partial(self.submit, tile=True),
             prepare=self.prepare,
             tile_mask=lambda outputs: self._checked_mask(outputs, tensor)[:side, :side],
             output=self.config.outputs["mask"],
@@ -204,17 +205,25 @@ class ServedModel:
         return run.future
 
     def submit(
-        self, tensor: np.ndarray, deadline: float | None = None, *, inline: bool = False
+        self,
+        tensor: np.ndarray,
+        deadline: float | None = None,
+        *,
+        inline: bool = False,
+        tile: bool = False,
     ) -> Future:
         """Queue an input tensor ``[rows, C, H, W]``; the future gives every output.
 
         ``inline=True``: the caller waits for it at once, so it may run in the caller's
-        thread when the model is idle (``Batcher.submit``).
+        thread when the model is idle (``Batcher.submit``). ``tile=True``: a tile of a
+        tiled image (its own queue bound; a tile refused is submitted again later, so
+        it is not counted as shed).
         """
         try:
-            return self._batcher.submit(tensor, deadline, inline=inline)
+            return self._batcher.submit(tensor, deadline, inline=inline, tile=tile)
         except ResourceExhausted:
-            self.admission.shed("queue")
+            if not tile:
+                self.admission.shed("queue")
             raise
 
     def finish(self, job: Job, outputs: dict[str, np.ndarray]) -> Result:

@@ -217,6 +217,32 @@ def test_a_full_queue_is_resource_exhausted() -> None:
         batcher.close()
 
 
+def test_tiles_have_a_bound_of_their_own_and_never_take_a_whole_requests_place() -> None:
+    gate = threading.Event()
+    batcher = make(
+        lambda b: (gate.wait(5), {"sum": np.zeros(len(b))})[1],
+        queue_size=2,
+        max_batch_size=1,
+        max_queue_delay_s=0,
+    )
+    try:
+        running = batcher.submit(rows(1))
+        time.sleep(0.1)  # the worker holds it
+        tiles = [batcher.submit(rows(1), tile=True) for _ in range(2)]
+        with pytest.raises(ResourceExhausted, match=r"tile queue is full \(2 tiles waiting\)"):
+            batcher.submit(rows(1), tile=True)
+        whole = [batcher.submit(rows(1)), batcher.submit(rows(1))]  # tiles took no place of theirs
+        with pytest.raises(ResourceExhausted, match=r"request queue is full \(2 requests waiting\)"):
+            batcher.submit(rows(1))
+        gate.set()
+        for future in [running, *tiles, *whole]:
+            future.result(5)
+        assert batcher.submit(rows(1), tile=True).result(5) is not None  # room again
+    finally:
+        gate.set()
+        batcher.close()
+
+
 def test_close_drains_accepted_requests_then_refuses() -> None:
     model = Recorder(delay=0.05)
     batcher = make(model, max_batch_size=2, max_queue_delay_s=0.0, instances=2)

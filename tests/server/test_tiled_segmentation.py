@@ -7,6 +7,8 @@ field the masks agree (float near-ties aside), with margin 0 the seams show.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -18,6 +20,8 @@ import make_models
 import numpy as np
 import pytest
 from visionserve.clients import VisionClient, VisionServeError
+from visionserve.protos import visionserve_pb2 as pb
+from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 from visionserve.server.backends.onnxruntime import OnnxRuntimeBackend
 from visionserve.server.batcher import Batcher
 from visionserve.server.model_config import InputSpec, ModelConfig, ReceptiveField, ShapeProfile
@@ -139,6 +143,35 @@ def test_server_tiles_large_images_and_scores_iou_on_them(start_server, tiny_rep
     assert (small.serving.mode, small.serving.bucket) == ("bucket", (48, 64))
     assert (info.receptive_field, info.receptive_field_radius, info.output_stride) == (1, 0, 1)
     assert (info.oversized, info.tile_size, info.tile_margin, info.max_tiles) == ("tile", 64, 0, 1024)
+
+
+def test_streams_mixing_tiled_and_small_images_are_all_answered(start_server, tmp_path: Path) -> None:
+    """Tiles of large images once shared the batcher's bound with whole requests: with
+    streams sending both, small images' items were answered "queue full" in-band."""
+    make_models.write_entry(tmp_path, "tiles", "segmentation", input=TINY_INPUT, profile=TINY_PROFILE,
+                            max_queue_size=8)
+    server = start_server(repository=tmp_path, workers=4)
+    rng = np.random.default_rng(9)
+    large, small = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+
+    def request(image: np.ndarray, i: int) -> pb.SegmentRequest:
+        raw = pb.RawImage(data=image.tobytes(), height=image.shape[0], width=image.shape[1], channels=3)
+        return pb.SegmentRequest(model="tiles", image=pb.Image(raw=raw), request_id=str(i))
+
+    async def main() -> list[str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+
+            async def stream(s: int) -> list[str]:
+                items = [request(large if (s + k) % 3 == 0 else small, k) for k in range(6)]
+                replies = [reply async for reply in stub.SegmentStream(iter(items), timeout=60)]
+                return [r.error_message or "OK" for r in replies]
+
+            answers = await asyncio.gather(*(stream(s) for s in range(24)))
+            return [a for stream_answers in answers for a in stream_answers]
+
+    answers = asyncio.run(main())
+    assert collections.Counter(answers) == {"OK": 24 * 6}
 
 
 def test_policies_scale_reject_and_the_tile_limit(start_server, tiny_repository: Path) -> None:
