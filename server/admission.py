@@ -172,20 +172,22 @@ class Admission:
         return self._admitted
 
     # -- admission ----------------------------------------------------------------------
-    def try_admit(self, deadline: float | None = None) -> None:
-        """Admit one request now, or raise ``ResourceExhausted`` saying why."""
+    def try_admit(self, deadline: float | None = None, count: int = 1) -> None:
+        """Admit one request of ``count`` images (rows in the batcher's queue) now, or
+        raise ``ResourceExhausted`` saying why. On an idle model any count is admitted
+        (a request of more images than the limit would otherwise never be)."""
         if not self.policy.enabled:
             with self._lock:
-                self._admitted += 1
+                self._admitted += count
             return
         with self._lock:
             limit = self.limit
-            if self._admitted >= limit or self._waiters:
+            if (self._admitted and self._admitted + count > limit) or self._waiters:
                 reason, message = "capacity", self._full_message(limit)
             else:
-                reason, message = self._deadline_check(deadline)
+                reason, message = self._deadline_check(deadline, count)
             if reason is None:
-                self._admitted += 1
+                self._admitted += count
                 return
         self.shed(reason)
         raise ResourceExhausted(message)
@@ -214,8 +216,13 @@ class Admission:
                 self.release()
             raise
 
-    def release(self) -> None:
-        """A request admitted earlier is answered: its slot goes to the next waiter."""
+    def release(self, count: int = 1) -> None:
+        """A request admitted earlier is answered: its slots (``count``, as admitted) go
+        to the next waiters."""
+        for _ in range(count):
+            self._release_one()
+
+    def _release_one(self) -> None:
         with self._lock:
             if self._waiters and self._admitted <= self.limit:
                 key = next(iter(self._waiters))
@@ -229,11 +236,11 @@ class Admission:
                 self._admitted -= 1  # (a slot handed to a waiter leaves the count as is)
             self.served.answered(self._admitted)
 
-    def _deadline_check(self, deadline: float | None) -> tuple[str | None, str]:
+    def _deadline_check(self, deadline: float | None, count: int = 1) -> tuple[str | None, str]:
         capacity = self.capacity
         if deadline is None or capacity is None or self._admitted == 0:
             return None, ""
-        expected = (self._admitted + 1) / capacity
+        expected = (self._admitted + count) / capacity
         left = deadline - time.monotonic()
         if expected <= left:
             return None, ""

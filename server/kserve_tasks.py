@@ -128,14 +128,17 @@ async def image_outputs(
 ) -> dict[str, np.ndarray]:
     """Encoded images (``IMAGE``, optional ``GROUND_TRUTH``) -> the task's outputs.
 
-    Admitted as one request (``ServedModel.admitted``); decoding and finishing run in
-    ``executor``, never on the event loop."""
-    async with model.admitted(deadline):
-        return await _image_outputs(model, inputs, options, deadline, executor)
+    Admitted as one request per image (``ServedModel.admitted``: each image is a row in
+    the batcher's queue); decoding and finishing run in ``executor``, never on the event
+    loop."""
+    encoded = bytes_elements(inputs[IMAGE], model.config.max_batch_size)
+    async with model.admitted(deadline, len(encoded)):
+        return await _image_outputs(model, encoded, inputs, options, deadline, executor)
 
 
 async def _image_outputs(
     model: ServedModel,
+    encoded: list[bytes],
     inputs: dict[str, InputTensor],
     options: InferOptions,
     deadline: float | None,
@@ -143,7 +146,6 @@ async def _image_outputs(
 ) -> dict[str, np.ndarray]:
     loop = asyncio.get_running_loop()
     form = f"the {IMAGE!r} input"
-    encoded = bytes_elements(inputs[IMAGE], model.config.max_batch_size)
     if model.task == "classification":
         if GROUND_TRUTH in inputs:
             raise InvalidArgument(

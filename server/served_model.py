@@ -321,14 +321,14 @@ class ServedModel:
             self.admission.release()
 
     @contextlib.asynccontextmanager
-    async def admitted(self, deadline: float | None) -> AsyncIterator[None]:
-        """Hold one admission slot for a request that runs its own walk (refused at
-        once, like ``serve``, when the model is full or the deadline cannot be met)."""
-        await self._admit(deadline, False)
+    async def admitted(self, deadline: float | None, images: int = 1) -> AsyncIterator[None]:
+        """Hold an admission slot per image for a request that runs its own walk (refused
+        at once, like ``serve``, when the model is full or the deadline cannot be met)."""
+        self.admission.try_admit(deadline, images)
         try:
             yield
         finally:
-            self.admission.release()
+            self.admission.release(images)
 
     async def _admit(self, deadline: float | None, wait: bool, key: object = None) -> None:
         if wait:

@@ -127,3 +127,24 @@ def test_every_request_admitted_fits_in_the_batchers_queue() -> None:
         for _ in futures:
             gate.release()
     batcher.close(10)
+
+
+def test_a_request_of_several_images_takes_a_slot_per_image() -> None:
+    """KServe ModelInfer with N encoded images puts N rows in the batcher's queue: it is
+    admitted as N, so admitted work still fits in the queue. On an idle model a request
+    of more images than the limit is admitted (else it never would be)."""
+    gate = Admission("m v1", AdmissionPolicy(max_admitted=8), instances=1, max_batch_size=4)
+    gate.try_admit(count=6)
+    with pytest.raises(ResourceExhausted, match="8 requests are already queued or running"):
+        gate.try_admit(count=3)
+    gate.try_admit(count=2)
+    assert gate.admitted == 8
+    gate.release(6)
+    gate.release(2)
+    assert gate.admitted == 0
+    gate.try_admit(count=12)  # idle: admitted whole
+    assert gate.admitted == 12
+    with pytest.raises(ResourceExhausted):
+        gate.try_admit()
+    gate.release(12)
+    assert gate.admitted == 0
