@@ -284,8 +284,9 @@ def pending_call_limits(max_streams: int) -> list[tuple[str, int]]:
     them (the client gets CANCELLED, or INTERNAL "Internal error from Core" on a stream's
     first write). Core's defaults (1,000, 3,000) dropped 35 of 1,500 and 130-290 of 2,000
     streams opened at once, under ``--max-streams`` 2,048: room for ``max_streams``
-    more, so every stream up to the limit reaches the server (2,000 and 3,000 at once:
-    all answered), and the same room as core's defaults for the unary calls besides."""
+    more, so every stream up to the limit reaches the server (2,000 at once: all
+    answered; 3,000: 2,048 answered, 952 refused RESOURCE_EXHAUSTED naming the limit),
+    and the same room as core's defaults for the unary calls besides."""
     soft = max_streams + 1000
     return [
         ("grpc.server.max_pending_requests", soft),
