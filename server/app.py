@@ -33,6 +33,7 @@ from visionserve.protos import grpc_service_pb2_grpc, visionserve_pb2_grpc
 from visionserve.server.acceptors import Acceptors
 from visionserve.server.allocator import keep_large_blocks
 from visionserve.server.backends.registry import describe
+from visionserve.server.cores import describe_cores
 from visionserve.server.decoder_guard import check_decoders
 from visionserve.server.interceptors import (
     Gate,
@@ -373,6 +374,7 @@ def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info("%s", keep_large_blocks())  # megabyte requests reuse memory (allocator.py)
+    log.info("%s; %d decode workers", describe_cores(), settings.cpu_workers())
     try:
         server, port = create_server(settings)
         # What start-up made (modules, models, gRPC) lives as long as the process: out

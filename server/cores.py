@@ -4,20 +4,40 @@ trainings share, and for lowering the priority of the threads that run inference
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from visionserve.server.cgroup_cpu import cpu_quota_cores
+
 T = TypeVar("T")
 
 
 def usable_cores() -> int:
-    """Cores in this process's affinity mask (containers and ``taskset`` narrow it), else all."""
+    """Cores in this process's affinity mask (cpusets and ``taskset`` narrow it), else
+    all; no more than its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU limit),
+    rounded down, at least 1 (``cgroup_cpu``)."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    quota = cpu_quota_cores()
+    if quota is not None:
+        cores = min(cores, math.floor(quota))
+    return max(1, cores)
+
+
+def describe_cores() -> str:
+    """What a start-up log line says of the cores: how many, and what limited them."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    quota = cpu_quota_cores()
+    limits = [f"affinity {affinity}" if affinity is not None else f"{os.cpu_count()} cores"]
+    if quota is not None:
+        limits.append(f"cgroup CPU quota {quota:g}")
+    return f"{usable_cores()} usable CPU core(s) ({', '.join(limits)})"
 
 
 def lower_thread_priority(steps: int) -> bool:
