@@ -26,7 +26,7 @@ def cpu_quota_cores(mountinfo: Path = MOUNTINFO, cgroup: Path = CGROUP) -> float
     except OSError:
         return None
     quotas = []
-    for version, mount_point, mount_root in _cpu_mounts(mounts):
+    for version, mount_point, mount_root in cpu_mounts(mounts):
         path = _group_path(groups, version)
         if path is None:
             continue
@@ -35,7 +35,7 @@ def cpu_quota_cores(mountinfo: Path = MOUNTINFO, cgroup: Path = CGROUP) -> float
     return min(quotas) if quotas else None
 
 
-def _cpu_mounts(mounts: str) -> list[tuple[int, str, str]]:
+def cpu_mounts(mounts: str) -> list[tuple[int, str, str]]:
     """(cgroup version, mount point, the cgroup path its root is) of each cgroup mount
     that can hold a CPU quota: cgroup2, or a v1 hierarchy with the ``cpu`` controller."""
     found = []

@@ -195,29 +195,9 @@ def test_cancelled_requests_never_reach_the_backend() -> None:
         batcher.close()
 
 
-def test_a_full_queue_is_resource_exhausted() -> None:
-    gate = threading.Event()
-    batcher = make(
-        lambda b: (gate.wait(5), {"sum": np.zeros(len(b))})[1],
-        queue_size=2,
-        max_batch_size=1,
-        max_queue_delay_s=0,
-    )
-    try:
-        running = batcher.submit(rows(1))
-        time.sleep(0.1)  # the worker holds it
-        queued = [batcher.submit(rows(1)), batcher.submit(rows(1))]
-        with pytest.raises(ResourceExhausted, match="queue is full"):
-            batcher.submit(rows(1))
-        gate.set()
-        for future in [running, *queued]:
-            future.result(5)
-    finally:
-        gate.set()
-        batcher.close()
-
-
-def test_tiles_have_a_bound_of_their_own_and_never_take_a_whole_requests_place() -> None:
+def test_a_full_queue_is_resource_exhausted_and_tiles_have_a_bound_of_their_own() -> None:
+    """Whole requests past the queue are refused; tiles of large images, bounded apart,
+    never take a whole request's place."""
     gate = threading.Event()
     batcher = make(
         lambda b: (gate.wait(5), {"sum": np.zeros(len(b))})[1],

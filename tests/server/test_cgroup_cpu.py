@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from visionserve.server.cgroup_cpu import cpu_quota_cores
+from visionserve.server.cgroup_cpu import cpu_mounts, cpu_quota_cores
 
 V2_MOUNT = "30 23 0:26 {root} {point} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"
 V1_MOUNTS = (
@@ -76,11 +76,10 @@ def test_nothing_readable_means_no_limit(tmp_path: Path) -> None:
 
 
 def _v1_cpu_hierarchy() -> Path | None:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        dash = fields.index("-") if "-" in fields else -1
-        if dash > 0 and fields[dash + 1] == "cgroup" and "cpu" in fields[dash + 3].split(","):
-            return Path(fields[4]) if fields[3] == "/" else None
+    """A cgroup v1 ``cpu`` hierarchy mounted at its root (where a test may add a group)."""
+    for version, point, root in cpu_mounts(Path("/proc/self/mountinfo").read_text()):
+        if version == 1 and root == "/":
+            return Path(point)
     return None
 
 
