@@ -40,13 +40,24 @@ def describe_cores() -> str:
     return f"{usable_cores()} usable CPU core(s) ({', '.join(limits)})"
 
 
+IDLE = 20  # ``steps`` past the lowest nice level: the kernel's idle policy
+
+
 def lower_thread_priority(steps: int) -> bool:
     """Lower the calling thread's CPU priority by ``steps`` nice steps: True when done.
+    ``IDLE`` (20): the idle policy (SCHED_IDLE) instead, so any other thread of ours that
+    wakes takes the core at once (nice 19 where that policy cannot be set).
 
     Linux only, where nice is a thread's own (elsewhere it would lower the whole process,
     so nothing is done). A thread keeps it, and the threads it creates inherit it."""
     if steps <= 0 or not sys.platform.startswith("linux"):
         return False
+    if steps >= IDLE:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return True
+        except (OSError, AttributeError):
+            steps = 19
     try:
         os.nice(steps)
     except OSError:

@@ -89,7 +89,10 @@ class ServerSettings:
         10,
         help="CPU models compute this many priority steps (Linux nice) below the event loop "
         "and decoding: when the cores are all busy, refusals and health answers do not wait "
-        "behind a batch, and inference still takes every idle cycle; 0 = the same priority",
+        "behind a batch, and inference still takes every idle cycle; 0 = the same priority; "
+        "20 = the kernel's idle policy (SCHED_IDLE: any other thread of the server takes the "
+        "core at once; for a server alone in its container, as busy processes in the same "
+        "cgroup would leave inference almost nothing)",
     )
     max_concurrent_rpcs: int = setting(
         0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
@@ -220,10 +223,10 @@ class ServerSettings:
             raise ValueError(
                 f"intra_op_threads must be >= 0 (0 = the cores divided by the model's instances), got {self.intra_op_threads}"
             )
-        if not 0 <= self.inference_nice <= 19:
+        if not 0 <= self.inference_nice <= 20:
             raise ValueError(
-                f"inference_nice must be in 0..19 (priority steps below the server's other "
-                f"threads; 0 = the same), got {self.inference_nice}"
+                f"inference_nice must be in 0..20 (priority steps below the server's other "
+                f"threads; 0 = the same, 20 = the idle policy), got {self.inference_nice}"
             )
         if self.workers < 0 or self.max_admitted < 0 or self.admission_wait_ms < 0:
             raise ValueError(

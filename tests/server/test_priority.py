@@ -108,3 +108,29 @@ def test_a_cpu_model_computes_every_batch_below_the_threads_that_call_it(tmp_pat
     assert here() == base
     for name, value in plain_out.items():
         np.testing.assert_allclose(lowered_out[name], value, rtol=1e-5, atol=1e-6)
+
+
+def policy_of(tid: int) -> int:
+    """The scheduling policy of a thread of this process (/proc: field 41 of stat)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[38])
+
+
+def test_20_puts_a_cpu_models_threads_under_the_idle_policy(tmp_path: Path) -> None:
+    """``--inference-nice 20``: the batcher's threads and ONNX Runtime's pool run under
+    SCHED_IDLE (any other thread of ours that wakes takes the core at once); the caller
+    keeps its own policy, and the answers are the model's."""
+    make_models.write_entry(tmp_path, "cls", "classification")
+    entry = ModelRepository(tmp_path).entry("cls")
+    before, mine = threads(), policy_of(threading.get_native_id())
+    model = load_model(entry, intra_op_threads=2, inference_nice=20)
+    try:
+        added = {tid: policy_of(tid) for tid in threads() - before}
+        idle = [tid for tid, policy in added.items() if policy == os.SCHED_IDLE]
+        assert len(idle) >= model.config.instances + 1, added  # batchers + ONNX Runtime's pool
+        tensor = model.prepare(np.full((*make_models.CLASSIFIER_HW, 3), 90, np.uint8))
+        out = model.submit(tensor).result(timeout=30)
+    finally:
+        model.close()
+    assert policy_of(threading.get_native_id()) == mine == os.SCHED_OTHER
+    assert np.isfinite(next(iter(out.values()))).all()
