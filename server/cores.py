@@ -20,24 +20,23 @@ def usable_cores() -> int:
     """Cores in this process's affinity mask (cpusets and ``taskset`` narrow it), else
     all; no more than its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU limit),
     rounded down, at least 1 (``cgroup_cpu``)."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    quota = cpu_quota_cores()
+    cores, quota = _affinity(), cpu_quota_cores()
     if quota is not None:
         cores = min(cores, math.floor(quota))
     return max(1, cores)
 
 
+def _affinity() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def describe_cores() -> str:
     """What a start-up log line says of the cores: how many, and what limited them."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     quota = cpu_quota_cores()
-    limits = [f"affinity {affinity}" if affinity is not None else f"{os.cpu_count()} cores"]
-    if quota is not None:
-        limits.append(f"cgroup CPU quota {quota:g}")
-    return f"{usable_cores()} usable CPU core(s) ({', '.join(limits)})"
+    limits = f"affinity {_affinity()}" + ("" if quota is None else f", cgroup CPU quota {quota:g}")
+    return f"{usable_cores()} usable CPU core(s) ({limits})"
 
 
 IDLE = 20  # ``steps`` past the lowest nice level: the kernel's idle policy

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionserve.server.admission import AdmissionPolicy
-from visionserve.server.cores import usable_cores
+from visionserve.server.cores import IDLE, usable_cores
 from visionserve.server.model_config import check_backends
 from visionserve.server.settings_spec import Declared, declarations, parse_text, setting
 
@@ -223,7 +223,7 @@ class ServerSettings:
             raise ValueError(
                 f"intra_op_threads must be >= 0 (0 = the cores divided by the model's instances), got {self.intra_op_threads}"
             )
-        if not 0 <= self.inference_nice <= 20:
+        if not 0 <= self.inference_nice <= IDLE:
             raise ValueError(
                 f"inference_nice must be in 0..20 (priority steps below the server's other "
                 f"threads; 0 = the same, 20 = the idle policy), got {self.inference_nice}"
