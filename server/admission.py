@@ -21,7 +21,7 @@ it is (``max_admitted`` included), it is never above the batcher's queue
 (``max_queue_size``): every request admitted, in the queue, running or being decoded,
 then fits in it however late the batcher's worker gets to take a batch. Past the queue
 plus one batch per instance, 1,000 streams saw ~15 % of their items answered "queue full"
-in-band; at that bound, still 8 and 22 of 2,000 items in 2 of 12 runs (a lone request
+in-band; at that bound, still 8 and 22 of 2,000 items in 2 of 23 runs (a lone request
 running as a batch of one while a burst was admitted, or the worker waiting for the GIL).
 """
 
