@@ -31,7 +31,8 @@ def cpu_quota_cores(mountinfo: Path = MOUNTINFO, cgroup: Path = CGROUP) -> float
         if path is None:
             continue
         directory = _directory(Path(mount_point), mount_root, path)
-        quotas += [q for q in map(_quota(version), _up_to(directory, Path(mount_point))) if q]
+        read = _quota_v2 if version == 2 else _quota_v1
+        quotas += [q for q in map(read, _up_to(directory, Path(mount_point))) if q]
     return min(quotas) if quotas else None
 
 
@@ -83,10 +84,6 @@ def _up_to(directory: Path, top: Path) -> list[Path]:
         if directory == top or top not in directory.parents:
             return chain
         directory = directory.parent
-
-
-def _quota(version: int):  # type: ignore[no-untyped-def]
-    return _quota_v2 if version == 2 else _quota_v1
 
 
 def _quota_v2(directory: Path) -> float | None:

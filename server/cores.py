@@ -20,10 +20,11 @@ def usable_cores() -> int:
     """Cores in this process's affinity mask (cpusets and ``taskset`` narrow it), else
     all; no more than its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU limit),
     rounded down, at least 1 (``cgroup_cpu``)."""
-    cores, quota = _affinity(), cpu_quota_cores()
-    if quota is not None:
-        cores = min(cores, math.floor(quota))
-    return max(1, cores)
+    return _usable(_affinity(), cpu_quota_cores())
+
+
+def _usable(affinity: int, quota: float | None) -> int:
+    return max(1, affinity if quota is None else min(affinity, math.floor(quota)))
 
 
 def _affinity() -> int:
@@ -34,9 +35,9 @@ def _affinity() -> int:
 
 def describe_cores() -> str:
     """What a start-up log line says of the cores: how many, and what limited them."""
-    quota = cpu_quota_cores()
-    limits = f"affinity {_affinity()}" + ("" if quota is None else f", cgroup CPU quota {quota:g}")
-    return f"{usable_cores()} usable CPU core(s) ({limits})"
+    affinity, quota = _affinity(), cpu_quota_cores()
+    limits = f"affinity {affinity}" + ("" if quota is None else f", cgroup CPU quota {quota:g}")
+    return f"{_usable(affinity, quota)} usable CPU core(s) ({limits})"
 
 
 IDLE = 20  # ``steps`` past the lowest nice level: the kernel's idle policy
