@@ -2,6 +2,7 @@
 
     python bench/overload.py [--imagenet DIR | --repository DIR --model NAME]
                              [--seconds 60] [--factor 2] [--deadline-ms 2000] [--streams 1000]
+                             [--client-slice-us 100]
 
 Against ``visionserve serve`` with its default settings (batching on: the model.yaml
 queue delay and batch size; admission control on), one process of grpc.aio clients:
@@ -66,6 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--in-flight", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--client-slice-us", type=int, default=0, help="this bench's own "
+                        "threads on that scheduler time slice (Linux >= 6.12), like the server's "
+                        "front end (--front-slice-us): the client sharing the cores then wakes "
+                        "as promptly as one on another machine would; 0 = left alone")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="an extra `visionserve serve` argument for the measured server, "
                         "e.g. --server-arg=--accept-ahead=0 (repeatable)")
@@ -407,6 +412,12 @@ def report(served: dict, streams: dict, args) -> None:
 
 def main() -> int:
     args = parse_args()
+    if args.client_slice_us:
+        from visionserve.server.sched_slice import shorten_front_end
+
+        taken = shorten_front_end(args.client_slice_us * 1000)
+        print(f"the bench's threads on a {args.client_slice_us} us scheduler slice: "
+              f"{'yes' if taken else 'no (the kernel keeps no slice of a normal thread)'}")
     sys.path.insert(0, str(ROOT / "tests" / "models"))
     with tempfile.TemporaryDirectory() as tmp:
         repository, model, images = workload(args, Path(tmp))

@@ -47,6 +47,7 @@ from visionserve.server.logs import quiet_grpc_repeats
 from visionserve.server.metrics import Metrics
 from visionserve.server.registry import ModelRegistry
 from visionserve.server.repository import ModelRepository
+from visionserve.server.sched_slice import shorten_front_end
 from visionserve.server.service import SERVICE_NAME, Serving, VisionServicer
 from visionserve.server.settings import ServerSettings
 
@@ -374,7 +375,16 @@ def serve(settings: ServerSettings, on_ready: Callable[[str, int], None] | None 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info("%s", keep_large_blocks())  # megabyte requests reuse memory (allocator.py)
-    log.info("%s; %d decode workers", describe_cores(), settings.cpu_workers())
+    # before any other thread starts: the event loop, gRPC's threads and the decode pool
+    # preempt a batch's threads at once when they wake (sched_slice)
+    slice_us = settings.front_slice_us
+    short = slice_us > 0 and shorten_front_end(slice_us * 1000)
+    log.info(
+        "%s; %d decode workers; the front end's threads on %s",
+        describe_cores(),
+        settings.cpu_workers(),
+        f"a {slice_us / 1000:g} ms scheduler slice" if short else "the kernel's default slice",
+    )
     try:
         server, port = create_server(settings)
         # What start-up made (modules, models, gRPC) lives as long as the process: out

@@ -198,8 +198,11 @@ class Batcher:
             threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(instances)
         ]
+        self._started = threading.Semaphore(0)  # a worker has set its priority
         for worker in self._workers:
             worker.start()
+        for _ in self._workers:  # no batch, nor a look at the threads, before that
+            self._started.acquire()
 
     @property
     def queue_size(self) -> int:
@@ -302,6 +305,7 @@ class Batcher:
         backend idle; stacked first, the next batch reaches the backend at once.
         """
         lower_thread_priority(self._nice)
+        self._started.release()
         held: list[_Done] = []  # the last batch's results, not yet handed out
         while True:
             if held and not self._collect_lock.acquire(blocking=False):

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from visionserve.server.cgroup_cpu import cpu_quota_cores
+from visionserve.server.sched_slice import DEFAULT as DEFAULT_SLICE
+from visionserve.server.sched_slice import set_slice
 
 T = TypeVar("T")
 
@@ -46,11 +48,16 @@ IDLE = 20  # ``steps`` past the lowest nice level: the kernel's idle policy
 def lower_thread_priority(steps: int) -> bool:
     """Lower the calling thread's CPU priority by ``steps`` nice steps: True when done.
     ``IDLE`` (20): the idle policy (SCHED_IDLE) instead, so any other thread of ours that
-    wakes takes the core at once (nice 19 where that policy cannot be set).
+    wakes takes the core at once (nice 19 where that policy cannot be set). Whatever
+    ``steps``, the thread gets the kernel's default time slice back (the front end's is
+    shorter: ``sched_slice``).
 
     Linux only, where nice is a thread's own (elsewhere it would lower the whole process,
     so nothing is done). A thread keeps it, and the threads it creates inherit it."""
-    if steps <= 0 or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
+        return False
+    set_slice(DEFAULT_SLICE)
+    if steps <= 0:
         return False
     if steps >= IDLE:
         try:
@@ -67,9 +74,10 @@ def lower_thread_priority(steps: int) -> bool:
 
 def call_at_lower_priority(steps: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` in a new thread whose priority is lowered by ``steps``
-    (``lower_thread_priority``), so that the threads ``fn`` creates (ONNX Runtime's pool)
-    run at that priority too; its result, or its exception raised here."""
-    if steps <= 0 or not sys.platform.startswith("linux"):
+    (``lower_thread_priority``; 0: the caller's, with the default time slice), so that
+    the threads ``fn`` creates (ONNX Runtime's pool) run at that priority too; its
+    result, or its exception raised here."""
+    if not sys.platform.startswith("linux"):
         return fn(*args, **kwargs)
     outcome: list[Any] = []
 

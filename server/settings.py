@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from visionserve.server.admission import AdmissionPolicy
 from visionserve.server.cores import IDLE, usable_cores
 from visionserve.server.model_config import check_backends
+from visionserve.server.sched_slice import MAX_SLICE_US, MIN_SLICE_US
 from visionserve.server.settings_spec import Declared, declarations, parse_text, setting
 
 if TYPE_CHECKING:  # requests imports cv2; settings must not (see decoder_guard)
@@ -93,6 +94,13 @@ class ServerSettings:
         "20 = the kernel's idle policy (SCHED_IDLE: any other thread of the server takes the "
         "core at once; for a server alone in its container, as busy processes in the same "
         "cgroup would leave inference almost nothing)",
+    )
+    front_slice_us: int = setting(
+        100,
+        help="the scheduler time slice (Linux >= 6.12) of the event loop, gRPC's threads and "
+        "decoding, in microseconds (100..100000); the inference threads keep the kernel's "
+        "default: woken, a front-end thread takes the core from a batch at once instead of "
+        "after the batch's slice (1.4 ms on 2 cores); 0 = the kernel's default for all",
     )
     max_concurrent_rpcs: int = setting(
         0, help="calls in progress; past it gRPC answers RESOURCE_EXHAUSTED; 0 = unbounded"
@@ -227,6 +235,11 @@ class ServerSettings:
             raise ValueError(
                 f"inference_nice must be in 0..20 (priority steps below the server's other "
                 f"threads; 0 = the same, 20 = the idle policy), got {self.inference_nice}"
+            )
+        if self.front_slice_us and not MIN_SLICE_US <= self.front_slice_us <= MAX_SLICE_US:
+            raise ValueError(
+                f"front_slice_us must be 0 (the kernel's default) or in {MIN_SLICE_US}.."
+                f"{MAX_SLICE_US} (the slices the kernel takes), got {self.front_slice_us}"
             )
         if self.workers < 0 or self.max_admitted < 0 or self.admission_wait_ms < 0:
             raise ValueError(

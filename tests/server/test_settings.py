@@ -36,6 +36,8 @@ def test_defaults_and_address(tmp_path: Path) -> None:
         ("max_decoded_pixels", 0, "max_decoded_pixels must be at least 1"),
         ("grace_period_s", -1.0, "grace_period_s must be >= 0"),
         ("host", "", "host must not be empty"),
+        ("front_slice_us", 50, r"front_slice_us must be 0 \(the kernel.s default\) or in 100"),
+        ("front_slice_us", 200_000, r"the slices the kernel takes\), got 200000"),
     ],
 )
 def test_invalid_values_say_what_is_expected(
@@ -222,7 +224,8 @@ VARIABLES = {
         "POLL_INTERVAL_S", "TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA", "AUTH_TOKEN", "BACKENDS",
     )
 }  # fmt: skip
-# Two (text, value) pairs per value type, both valid for every setting of that type.
+# Two (text, value) pairs per value type, both valid for every setting of that type
+# (but those with a narrower range: SAMPLES_BY_NAME).
 SAMPLES = {
     int: [("3", 3), ("7", 7)],
     float: [("2.5", 2.5), ("0.25", 0.25)],
@@ -232,6 +235,7 @@ SAMPLES = {
         ("tensorrt, onnxruntime-cuda", ("tensorrt", "onnxruntime-cuda")),
     ],
 }
+SAMPLES_BY_NAME = {"front_slice_us": [("300", 300), ("0", 0)]}  # 100..100000 or 0
 # settings valid only together with others (given as plain overrides, not under test)
 COMPANIONS = {
     "tls_cert": ("tls_key",),
@@ -255,6 +259,8 @@ def test_every_flag_and_variable_of_old_is_still_declared() -> None:
 
 def samples(declared: Declared, tmp_path: Path) -> list[tuple[str, object]]:
     """Two (text, value) pairs for ``declared``, each valid and not its default."""
+    if declared.name in SAMPLES_BY_NAME:
+        return SAMPLES_BY_NAME[declared.name]
     if declared.kind is bool:
         return [("0" if declared.default else "1", not declared.default)] * 2
     if declared.spec.choices:
