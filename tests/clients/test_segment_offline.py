@@ -123,7 +123,7 @@ def local_ray():
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             break
-        except Exception as exc:  # noqa: BLE001 - one more start, then the error
+        except Exception as exc:  # one more start, then the error
             # Seen twice in CI on a busy 2-core machine: the raylet never registered
             # within Ray's fixed 30 s ("The current node timed out during startup").
             ray.shutdown()
