@@ -304,8 +304,10 @@ class Batcher:
         lets the GIL go) after that would wait behind every one of them, leaving the
         backend idle; stacked first, the next batch reaches the backend at once.
         """
-        lower_thread_priority(self._nice)
-        self._started.release()
+        try:
+            lower_thread_priority(self._nice)
+        finally:
+            self._started.release()
         held: list[_Done] = []  # the last batch's results, not yet handed out
         while True:
             if held and not self._collect_lock.acquire(blocking=False):
