@@ -3,7 +3,7 @@
 A task woken with a shorter slice than the one running may preempt it at once
 (the scheduler's PREEMPT_SHORT); one with the default slice waits while the running task
 is protected for its slice (RUN_TO_PARITY: 0.7 ms x (1 + log2 cores), 1.4 ms on 2 cores,
-3 ms on 8). The server gives its front end (the event loop, gRPC core's threads, the
+2.8 ms on 8 or more). The server gives its front end (the event loop, gRPC core's threads, the
 decode pool) a short slice (``--front-slice-us``, 0.1 ms by default) and leaves the
 inference threads the default: a refusal or a health check then waits no longer for a
 batch's threads than the kernel's switch, with no change to how the CPU is shared
