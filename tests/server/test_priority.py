@@ -48,7 +48,7 @@ def test_a_lowered_call_runs_below_the_caller_and_so_do_the_threads_it_starts() 
     own, child = call_at_lower_priority(3, work)
     assert (own, child) == (min(base + 3, 19),) * 2
     assert here() == base  # the caller's own priority is untouched
-    assert call_at_lower_priority(0, here) == base  # 0: the caller's thread itself
+    assert call_at_lower_priority(0, here) == base  # 0: the caller's priority
 
 
 def test_an_error_in_a_lowered_call_reaches_the_caller() -> None:
