@@ -113,8 +113,8 @@ def test_a_served_models_inference_keeps_the_default_slice_the_front_end_the_sho
         process.wait(30)
     inference = [row for row in threads if row[1] == 10]
     front = [row for row in threads if row[1] == 0]
-    # 2 models x (a batcher per instance + ONNX Runtime's pool thread(s))
-    assert len(inference) >= 4, threads
+    # 2 models x (a batcher per instance + ONNX Runtime's pool threads, none on 1 core)
+    assert len(inference) >= 2, threads
     assert {row[2] for row in inference} == {default}, threads
-    assert len(front) >= 5, threads
+    assert len(front) >= 3, threads  # main, the event loop, gRPC's, the decode pool
     assert {row[2] for row in front} == {SHORT if slice_us is None else default}, threads
