@@ -70,7 +70,7 @@ def set_slice(slice_ns: int, tid: int = 0) -> bool:
     attr = _SchedAttr()
     if libc.syscall(get_call, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
         return False
-    if attr.sched_policy not in (os.SCHED_OTHER, getattr(os, "SCHED_BATCH", 3)):
+    if attr.sched_policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
         return False
     attr.size = ctypes.sizeof(attr)
     attr.sched_flags = 0
@@ -92,11 +92,12 @@ def shorten_front_end(slice_ns: int) -> bool:
     return thread_slice_ns() == slice_ns
 
 
-def thread_slice_ns(tid: int = 0) -> int | None:
-    """The slice the kernel has for thread ``tid`` (``/proc``'s ``se.slice``), or None."""
+def thread_slice_ns(tid: int = 0, pid: int | str = "self") -> int | None:
+    """The slice the kernel has for thread ``tid`` (0: the calling thread) of process
+    ``pid`` (``/proc``'s ``se.slice``), or None."""
     tid = tid or threading.get_native_id()
     try:
-        with open(f"/proc/self/task/{tid}/sched") as sched:
+        with open(f"/proc/{pid}/task/{tid}/sched") as sched:
             for line in sched:
                 if line.startswith("se.slice"):
                     return int(float(line.split(":")[1]))

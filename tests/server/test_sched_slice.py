@@ -64,21 +64,14 @@ def test_a_thread_takes_the_short_slice_its_children_inherit_it_and_default_rest
     assert thread_slice_ns() == default  # the caller's own slice is untouched
 
 
-def _threads(pid: int) -> list[tuple[str, int, int | None]]:
-    """(name, nice, slice in ns) of every thread of process ``pid``."""
+def _threads(pid: int) -> list[tuple[int, int, int | None]]:
+    """(thread id, nice, slice in ns) of every thread of process ``pid``."""
     rows = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        task = Path(f"/proc/{pid}/task/{tid}")
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
         try:
-            stat = (task / "stat").read_text()
-            sched = (task / "sched").read_text()
+            rows.append((tid, os.getpriority(os.PRIO_PROCESS, tid), thread_slice_ns(tid, pid)))
         except OSError:
             continue  # the thread ended meanwhile
-        nice = int(stat[stat.rindex(")") + 2 :].split()[16])
-        slices = [line.split(":")[1] for line in sched.splitlines() if line.startswith("se.slice")]
-        rows.append(
-            ((task / "comm").read_text().strip(), nice, int(float(slices[0])) if slices else None)
-        )
     return rows
 
 
