@@ -13,6 +13,8 @@ queue delay and batch size; admission control on), one process of grpc.aio clien
    rounds' differences. Interleaved with them, the front end's floor: the same request
    bytes naming a model the server does not have (sent, parsed, answered NOT_FOUND, no
    work): what any request of that size costs; added minus floor is the pipeline's own.
+   The floor is measured twice: back to back, and each call a bare inference's time after
+   the last answer (threads asleep and caches cold for as long as during a served call).
 2. images/s: bare at the model's max batch size (before and after the served figure,
    averaged) and served with 32 requests in flight: the capacity.
 3. overload: an open loop at ``--factor`` x capacity for ``--seconds``, each request with
@@ -171,12 +173,15 @@ def request_bytes(model: str, task: str, data: bytes) -> tuple[str, bytes]:
     ).SerializeToString()
 
 
-async def _p50_ms(call, requests: list[bytes], first: int, count: int) -> float:
-    """Median round trip of ``count`` calls one after the other; an error answer counts."""
+async def _p50_ms(call, requests: list[bytes], first: int, count: int, pause: float = 0.0) -> float:
+    """Median round trip of ``count`` calls one after the other, each ``pause`` seconds
+    after the last answer; an error answer counts."""
     import grpc
 
     lat = []
     for i in range(first, first + count):
+        if pause:
+            await asyncio.sleep(pause)
         start = time.perf_counter()
         try:
             await call(requests[i % len(requests)], timeout=60)
@@ -190,22 +195,28 @@ async def latency_rounds(channel, method: str, requests: list[bytes], floor: lis
                          bare: Bare, count: int, rounds: int = 6) -> dict[str, float]:
     """Batch-1 p50 of bare, served and the front end's floor (the same bytes for a model
     the server does not have: transfer, parse and answer, no work) in interleaved blocks,
-    so the machine's speed drifting during the run hits all alike; medians over rounds."""
+    so the machine's speed drifting during the run hits all alike; medians over rounds.
+    The floor twice: back to back, and each call a bare inference's time after the last
+    (a served call's threads idle, and its caches go cold, for that long)."""
     call = channel.unary_unary(method)
     await _p50_ms(call, requests, 0, 10)
     await _p50_ms(call, floor, 0, 10)
     bare.latencies(10)
     per = max(1, count // rounds)
-    bare_p50, served_p50, floor_p50 = [], [], []
+    bare_p50, served_p50, floor_p50, paused_p50 = [], [], [], []
     for r in range(rounds):
         bare_p50.append(statistics.median(bare.latencies(per, r * per)))
         served_p50.append(await _p50_ms(call, requests, r * per, per))
         floor_p50.append(await _p50_ms(call, floor, r * per, per))
+        paused_p50.append(await _p50_ms(call, floor, r * per, per, bare_p50[-1] / 1e3))
     added = [s - b for s, b in zip(served_p50, bare_p50)]
     above = [a - f for a, f in zip(added, floor_p50)]
+    above_paused = [a - f for a, f in zip(added, paused_p50)]
     return {"bare_p50_ms": statistics.median(bare_p50), "p50_ms": statistics.median(served_p50),
             "added_ms": statistics.median(added), "added_range": (min(added), max(added)),
-            "floor_ms": statistics.median(floor_p50), "above_floor_ms": statistics.median(above)}
+            "floor_ms": statistics.median(floor_p50), "above_floor_ms": statistics.median(above),
+            "paused_floor_ms": statistics.median(paused_p50),
+            "above_paused_ms": statistics.median(above_paused)}
 
 
 async def closed_loop(
@@ -388,6 +399,10 @@ def report(served: dict, streams: dict, args) -> None:
     print(f"  of which the front end's floor (the same request bytes for a model the server does "
           f"not have: transfer + parse + an error answer) {served['floor_ms']:.2f} ms, the rest "
           f"{served['above_floor_ms']:+.2f} ms (median of the rounds' differences)")
+    print(f"  the same floor request sent a bare inference's time after the last answer "
+          f"{served['paused_floor_ms']:.2f} ms (gRPC's own cost once its threads have slept and "
+          f"its caches gone cold, as they do during a served inference); the rest above it "
+          f"{served['above_paused_ms']:+.2f} ms")
     print(f"bare at batch {served['batch']}: {served['bare_rate']:.1f} images/s (before/after served: "
           f"{served['bare_rates'][0]:.1f} / {served['bare_rates'][1]:.1f}); served, {args.in_flight} in "
           f"flight: {served['capacity']:.1f} images/s = {served['capacity'] / served['bare_rate']:.3f} "

@@ -73,3 +73,19 @@ def test_tiling_bench_starts_and_documents_its_options() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--sizes" in done.stdout and "--huge" in done.stdout
+
+
+def test_grpc_pause_bench_prints_a_round_trip_per_pause() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "grpc_pause.py"), "--pauses-ms", "0", "5",
+         "--calls", "20", "--request-bytes", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "pause" in line]
+    assert [line.split(":")[0].split()[-2] for line in lines] == ["0.0", "5.0"], done.stdout
+    for line in lines:
+        grpc_ms, tcp_ms = (float(part.split()[-2]) for part in line.split(":")[1].split(","))
+        assert grpc_ms > 0 and tcp_ms > 0, line
