@@ -181,9 +181,9 @@ class Admission:
                 self._admitted += count
             return
         with self._lock:
-            limit = self.limit
-            if (self._admitted and self._admitted + count > limit) or self._waiters:
-                reason, message = "capacity", self._full_message(limit)
+            message = self._full(count)
+            if message is not None:
+                reason = "capacity"
             else:
                 reason, message = self._deadline_check(deadline, count)
             if reason is None:
@@ -191,6 +191,20 @@ class Admission:
                 return
         self.shed(reason)
         raise ResourceExhausted(message)
+
+    def full_message(self, count: int = 1) -> str | None:
+        """The refusal a request of ``count`` images would get now for want of room (None:
+        it would be admitted, or refused only for its deadline). Counts nothing."""
+        if not self.policy.enabled:
+            return None
+        with self._lock:
+            return self._full(count)
+
+    def _full(self, count: int) -> str | None:  # under the lock, policy enabled
+        limit = self.limit
+        if (self._admitted and self._admitted + count > limit) or self._waiters:
+            return self._full_message(limit)
+        return None
 
     async def admit(self, deadline: float | None = None, key: object = None) -> None:
         """Admit one request, waiting while the model is full; ``key`` names the stream

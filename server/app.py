@@ -131,6 +131,7 @@ class VisionServer:
             admission=settings.admission_policy(),
             inference_nice=settings.inference_nice,
         )
+        gate.full = self.registry.refusal_unread
 
     def is_ready(self) -> bool:
         return self.registry.ready and not self.draining.is_set()

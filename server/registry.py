@@ -312,6 +312,26 @@ class ModelRegistry:
             model.statistics.on_request(time.monotonic() - start, ok)
             model.exit()
 
+    def refusal_unread(self, task: str | None) -> str | None:
+        """The refusal for a call not yet read when every loaded model that could take it
+        (of ``task``; None: any) is at its admission limit, counted as shed by the first;
+        None while one has room (or none is loaded: the call is read and answered as
+        usual). Whichever model the body names, it would be refused: the front end
+        need not read 110 KB to 3 MB of image first."""
+        with self._lock:
+            models = [m for versions in self._models.values() for m in versions.values()]
+        models = [m for m in models if task is None or m.task == task]
+        if not self.ready or not models:
+            return None
+        messages = []
+        for model in models:
+            message = model.admission.full_message()
+            if message is None:
+                return None
+            messages.append(message)
+        models[0].admission.shed("capacity")
+        return "; ".join(messages)
+
     def _listing(self) -> str:
         return ", ".join(self.names()) or "none"
 

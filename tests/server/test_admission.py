@@ -148,3 +148,29 @@ def test_a_request_of_several_images_takes_a_slot_per_image() -> None:
         gate.try_admit()
     gate.release(12)
     assert gate.admitted == 0
+
+
+def test_full_message_is_the_refusal_try_admit_would_give_and_counts_nothing() -> None:
+    shed: list[str] = []
+
+    class Observer:
+        def on_shed(self, reason: str) -> None:
+            shed.append(reason)
+
+    gate = Admission("m v1", AdmissionPolicy(max_admitted=2), instances=1, max_batch_size=1,
+                     observer=Observer())  # fmt: skip
+    assert gate.full_message() is None  # idle
+    gate.try_admit()
+    assert gate.full_message() is None and gate.full_message(2) is not None  # one slot left
+    gate.try_admit()
+    message = gate.full_message()
+    with pytest.raises(ResourceExhausted) as refused:
+        gate.try_admit()
+    assert message == str(refused.value) and "(--max-admitted)" in message
+    assert shed == ["capacity"]  # try_admit's refusal only
+    gate.release(2)
+    assert gate.full_message() is None
+    off = Admission("m v1", AdmissionPolicy(wait_s=0), instances=1, max_batch_size=1)
+    for _ in range(5):
+        off.try_admit()
+    assert off.full_message() is None  # admission control off: never full

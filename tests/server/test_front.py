@@ -23,6 +23,7 @@ from visionserve.protos import visionserve_pb2_grpc as pb_grpc
 SEG = make_models.SEGMENTER
 SEGMENT_METHOD = "/visionserve.v1.VisionService/Segment"
 STREAM_METHOD = "/visionserve.v1.VisionService/SegmentStream"
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length beyond the message
 
 
 def _request(seed: int) -> pb.SegmentRequest:
@@ -221,17 +222,56 @@ def test_drain_answers_every_admitted_request_and_tells_streams_to_finish(start_
 
 def test_malformed_bytes_are_invalid_argument_and_a_stream_goes_on(vision_server) -> None:
     good = _request(7).SerializeToString()
-    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length beyond the message
     with grpc.insecure_channel(f"127.0.0.1:{vision_server.port}") as channel:
         unary = channel.unary_unary(SEGMENT_METHOD)
         with pytest.raises(grpc.RpcError) as err:
-            unary(garbage, timeout=10)
+            unary(GARBAGE, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid protobuf message" in err.value.details()
         stream = channel.stream_stream(STREAM_METHOD, response_deserializer=pb.SegmentResponse.FromString)
-        answers = list(stream(iter([good, garbage, good]), timeout=20))
+        answers = list(stream(iter([good, GARBAGE, good]), timeout=20))
     assert [a.error_code for a in answers] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
     assert "6 bytes" in answers[1].error_message
+
+
+def test_while_every_model_that_could_take_a_call_is_full_it_is_refused_unread(
+    start_server,
+) -> None:
+    """The segmenter at its admission limit (--max-admitted 2, both slots held): Segment
+    is refused RESOURCE_EXHAUSTED with the model's own message before its body is read
+    (bytes that would be INVALID_ARGUMENT get the same refusal), counted as shed; Classify
+    (its models have room) and health are served; KServe ModelInfer, which any model may
+    take, is read as usual; once a slot is free, Segment is served again."""
+    server = start_server(max_admitted=2, metrics_port=0)
+    admission = server.registry.get(SEG).admission
+    admission.try_admit()
+    admission.try_admit()
+    classify = pb.ClassifyRequest(model=make_models.CLASSIFIER, image=_request(2).image)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            segment = channel.unary_unary(SEGMENT_METHOD)
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            refused = []
+            for body in (_request(1).SerializeToString(), GARBAGE):
+                with pytest.raises(grpc.RpcError) as err:
+                    segment(body, timeout=10)
+                refused.append((err.value.code(), err.value.details()))
+            with pytest.raises(grpc.RpcError) as err:
+                infer(GARBAGE, timeout=10)
+            classified = pb_grpc.VisionServiceStub(channel).Classify(classify, timeout=10)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            admission.release(2)
+            after = pb_grpc.VisionServiceStub(channel).Segment(_request(3), timeout=10)
+    finally:
+        while admission.admitted:
+            admission.release()
+    for code, details in refused:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        assert SEG in details and "admission limit (--max-admitted)" in details, details
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert classified.top and health.status == health_pb2.HealthCheckResponse.SERVING
+    assert after.request_id == "3"
+    assert metric(scrape(server.metrics_port), "visionserve_shed_total", model=SEG, reason="capacity") == 2
 
 
 def test_streams_past_the_limit_are_refused(start_server) -> None:
