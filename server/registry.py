@@ -314,8 +314,8 @@ class ModelRegistry:
 
     def refusal_unread(self, task: str | None) -> str | None:
         """The refusal for a call not yet read when every loaded model that could take it
-        (of ``task``; None: any) is at its admission limit, counted as shed by the first;
-        None while one has room (or none is loaded: the call is read and answered as
+        (of ``task``; None: any) is at its admission limit, counted by the first as shed
+        and as a failed request (as a refusal after reading is); None while one has room (or none is loaded: the call is read and answered as
         usual). Whichever model the body names, it would be refused: the front end
         need not read 110 KB to 3 MB of image first."""
         with self._lock:
@@ -330,6 +330,7 @@ class ModelRegistry:
                 return None
             messages.append(message)
         models[0].admission.shed("capacity")
+        models[0].statistics.on_request(0.0, False)
         return "; ".join(messages)
 
     def _listing(self) -> str:

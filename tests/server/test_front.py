@@ -272,6 +272,7 @@ def test_while_every_model_that_could_take_a_call_is_full_it_is_refused_unread(
     assert classified.top and health.status == health_pb2.HealthCheckResponse.SERVING
     assert after.request_id == "3"
     assert metric(scrape(server.metrics_port), "visionserve_shed_total", model=SEG, reason="capacity") == 2
+    assert server.registry.get(SEG).statistics.snapshot().fail.count == 2  # ModelStatistics
 
 
 def test_streams_past_the_limit_are_refused(start_server) -> None:
