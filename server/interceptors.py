@@ -280,11 +280,10 @@ class Gate(grpc.aio.ServerInterceptor):
         max_streams: int,
         on_refused: Callable[[str], None] | None = None,
         max_lag_s: float = 0.0,
-        full: Callable[[str | None], str | None] | None = None,
     ) -> None:
         self.max_streams = max_streams
         self.max_lag_s = max_lag_s
-        self.full = full
+        self.full: Callable[[str | None], str | None] | None = None  # set by the server
         self.draining = False
         self.in_flight = 0
         self.streams = 0
