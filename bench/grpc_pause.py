@@ -84,10 +84,14 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per pause (default 200)")
     parser.add_argument("--request-bytes", type=int, default=110_000,
                         help="request size (default 110000: a 224x224 PNG)")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # a port: gRPC echo
+    parser.add_argument("--serve-tcp", type=int, help=argparse.SUPPRESS)  # a listening fd
     args = parser.parse_args()
     if args.serve:
         serve_grpc(args.serve)
+        return 0
+    if args.serve_tcp is not None:
+        serve_tcp(socket.socket(fileno=args.serve_tcp))
         return 0
     import grpc
 
@@ -97,10 +101,8 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)],
                               stdout=subprocess.PIPE, text=True)
     listener = socket.create_server(("127.0.0.1", 0))
-    tcp_server = subprocess.Popen([sys.executable, "-c", (
-        "import socket, sys; sys.path.insert(0, sys.argv[1]); import grpc_pause as g; "
-        f"g.serve_tcp(socket.socket(fileno={listener.fileno()}))"
-    ), str(__file__).rsplit("/", 1)[0]], pass_fds=[listener.fileno()])
+    tcp_server = subprocess.Popen([sys.executable, __file__, "--serve-tcp", str(listener.fileno())],
+                                  pass_fds=[listener.fileno()])
     try:
         server.stdout.readline()
         body = b"x" * args.request_bytes
