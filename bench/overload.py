@@ -20,7 +20,8 @@ queue delay and batch size; admission control on), one process of grpc.aio clien
 3. overload: an open loop at ``--factor`` x capacity for ``--seconds``, each request with
    ``--deadline-ms``: goodput (answered OK within the deadline) / capacity, how the excess
    was refused (RESOURCE_EXHAUSTED, and how fast) or timed out; a health Check every 100 ms
-   throughout (its latency).
+   throughout, from a process of its own as a kubelet probe (its latency is the server's,
+   not that of this process's loop, which a heavy load saturates).
 4. streams: ``--streams`` concurrent SegmentStream calls on the tiny test segmenter (the
    front end is measured, not compute), each sending 2 requests one after the other: how
    many were answered, the slowest first answer, health Check latency meanwhile.
@@ -35,7 +36,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import re
+import select
 import statistics
 import subprocess
 import sys
@@ -76,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="an extra `visionserve serve` argument for the measured server, "
                         "e.g. --server-arg=--accept-ahead=0 (repeatable)")
+    parser.add_argument("--probe-health", help=argparse.SUPPRESS)  # an address: HealthProbe's child
     return parser.parse_args()
 
 
@@ -246,16 +250,59 @@ async def closed_loop(
     return sum(counts) / (time.monotonic() - start), refused[0]
 
 
-async def health_probe(channel, stop: asyncio.Event, every: float = 0.1) -> list[float]:
+class HealthProbe:
+    """A health Check every 100 ms from a process of its own (as a kubelet probe is): its
+    latencies are the server's, not this process's event loop's, which the load may
+    saturate. ``with HealthProbe(address) as probe: ...``, then ``probe.seconds``; a failed
+    check counts as its time to fail and in ``probe.failed``."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.seconds, self.failed = address, [], 0
+
+    def __enter__(self) -> HealthProbe:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--probe-health", self.address],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        self.process.stdout.readline()  # "ready": connected, first check answered
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self.process.communicate(timeout=60)  # closing stdin stops it
+        result = json.loads(out)
+        self.seconds, self.failed = result["seconds"], result["failed"]
+
+
+def probe_health(address: str, every: float = 0.1) -> None:
+    """``--probe-health ADDRESS``: Check until stdin closes; print the latencies as JSON."""
+    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    stub, seconds = health_pb2_grpc.HealthStub(channel), []
+    with grpc.insecure_channel(address) as channel:
+        check, request = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest()
+        check(request, timeout=30)
+        print("ready", flush=True)
+        seconds, failed = [], 0
+        while not select.select([sys.stdin], [], [], every)[0]:
+            start = time.perf_counter()
+            try:
+                check(request, timeout=10)
+            except grpc.RpcError:
+                failed += 1
+            seconds.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": seconds, "failed": failed}))
+
+
+async def loop_lag(stop: asyncio.Event, tick: float = 0.02) -> list[float]:
+    """How late this process's event loop wakes a sleeper (s), every ``tick`` until ``stop``:
+    where it lags, the client, not the server, is what the overload figures measure."""
+    lates = []
     while not stop.is_set():
-        start = time.perf_counter()
-        await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        seconds.append(time.perf_counter() - start)
-        await asyncio.sleep(every)
-    return seconds
+        due = time.perf_counter() + tick
+        await asyncio.sleep(tick)
+        lates.append(max(0.0, time.perf_counter() - due))
+    return lates
 
 
 async def open_loop(channel, method, requests, rate: float, seconds: float, deadline: float):
@@ -293,8 +340,7 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
     image = pb.Image(raw=pb.RawImage(data=bytes(32 * 32 * 3), height=32, width=32, channels=3))
     request = pb.SegmentRequest(model=make_models.SEGMENTER, image=image)
     async with grpc.aio.insecure_channel(address) as channel:
-        stub, stop = pb_grpc.VisionServiceStub(channel), asyncio.Event()
-        probe = asyncio.ensure_future(health_probe(channel, stop))
+        stub = pb_grpc.VisionServiceStub(channel)
         firsts: list[float] = []
         start = time.perf_counter()
 
@@ -315,13 +361,12 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
             await call.read()
             return failures[0] if failures else "OK"
 
-        outcomes = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
-        stop.set()
-        checks = await probe
+        with HealthProbe(address) as health:
+            outcomes = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
     failed = collections.Counter(_stream_failure(o) for o in outcomes if o != "OK")
     return {"streams": count, "answered": count - sum(failed.values()), "failed": dict(failed),
             "slowest_first_s": max(firsts or [0]), "all_s": time.perf_counter() - start,
-            "health_max_s": max(checks or [0])}  # fmt: skip
+            "health_max_s": max(health.seconds or [0]), "health_failed": health.failed}  # fmt: skip
 
 
 def _stream_failure(outcome: object) -> str:
@@ -371,16 +416,16 @@ async def served_figures(address: str, method: str, requests: list[bytes], floor
         figures.update(capacity=capacity, capacity_refused=refused, bare_rate=(before + after) / 2,
                        bare_rates=(before, after))
         stop = asyncio.Event()
-        probe = asyncio.ensure_future(health_probe(channel, stop))
-        with ResidentMemory(pid) as memory:
+        lag = asyncio.ensure_future(loop_lag(stop))
+        with ResidentMemory(pid) as memory, HealthProbe(address) as health:
             outcomes, offered = await open_loop(
                 channel, method, requests, args.rate or args.factor * capacity, args.seconds,
                 args.deadline_ms / 1e3,
             )
-        stop.set()
-        await asyncio.sleep(1)
-        figures.update(offered=offered, outcomes=outcomes, health=await probe,
-                       memory=(memory.before, memory.peak, memory.now()))
+            stop.set()
+            await asyncio.sleep(1)
+        figures.update(offered=offered, outcomes=outcomes, health=health.seconds, client_lag=await lag,
+                       health_failed=health.failed, memory=(memory.before, memory.peak, memory.now()))
     return figures
 
 
@@ -413,20 +458,28 @@ def report(served: dict, streams: dict, args) -> None:
           f"{goodput / served['capacity']:.3f} of capacity; outcomes {codes}")
     print(f"  shed RESOURCE_EXHAUSTED: p50 {pct(shed, 0.5) * 1e3:.2f} ms, p99 {pct(shed, 0.99) * 1e3:.2f} ms; "
           f"OK latency p50 {pct(ok, 0.5) * 1e3:.0f} ms, p99 {pct(ok, 0.99) * 1e3:.0f} ms")
+    lag = served["client_lag"]
+    print(f"  this client's event loop late by p50 {pct(lag, 0.5) * 1e3:.1f} ms, p99 {pct(lag, 0.99) * 1e3:.1f} ms"
+          + (" (the client could not keep up: latencies above are largely its own)"
+             if pct(lag, 0.99) > 0.05 else ""))
     before, peak, after = served["memory"]
     print(f"  server resident memory: {before:.0f} MiB before the overload, peak {peak:.0f} MiB "
           f"during it, {after:.0f} MiB 1 s after")
-    print(f"  health Check under overload: max {max(served['health']) * 1e3:.1f} ms, "
-          f"p99 {pct(served['health'], 0.99) * 1e3:.1f} ms over {len(served['health'])} checks")
+    print(f"  health Check under overload (from a process of its own): max "
+          f"{max(served['health']) * 1e3:.1f} ms, p99 {pct(served['health'], 0.99) * 1e3:.1f} ms over "
+          f"{len(served['health'])} checks, {served['health_failed']} failed")
     print(f"streams: {streams['answered']}/{streams['streams']} streams answered both requests; "
           f"slowest first answer {streams['slowest_first_s']:.2f} s, all done in {streams['all_s']:.2f} s; "
-          f"health Check max {streams['health_max_s'] * 1e3:.1f} ms")  # fmt: skip
+          f"health Check max {streams['health_max_s'] * 1e3:.1f} ms, {streams['health_failed']} failed")  # fmt: skip
     if streams["failed"]:
         print(f"  streams that failed: {streams['failed']}")
 
 
 def main() -> int:
     args = parse_args()
+    if args.probe_health:
+        probe_health(args.probe_health)
+        return 0
     if args.client_slice_us:
         from visionserve.server.sched_slice import shorten_front_end
 
