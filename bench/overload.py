@@ -36,14 +36,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import re
-import select
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _proc import status_mib  # noqa: E402 - the bench folder is not a package
+from _watch import HealthProbe, ResidentMemory, loop_lag  # noqa: E402 - the bench folder is not a package
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +76,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="an extra `visionserve serve` argument for the measured server, "
                         "e.g. --server-arg=--accept-ahead=0 (repeatable)")
-    parser.add_argument("--probe-health", help=argparse.SUPPRESS)  # an address: HealthProbe's child
     return parser.parse_args()
 
 
@@ -250,61 +246,6 @@ async def closed_loop(
     return sum(counts) / (time.monotonic() - start), refused[0]
 
 
-class HealthProbe:
-    """A health Check every 100 ms from a process of its own (as a kubelet probe is): its
-    latencies are the server's, not this process's event loop's, which the load may
-    saturate. ``with HealthProbe(address) as probe: ...``, then ``probe.seconds``; a failed
-    check counts as its time to fail and in ``probe.failed``."""
-
-    def __init__(self, address: str) -> None:
-        self.address, self.seconds, self.failed = address, [], 0
-
-    def __enter__(self) -> HealthProbe:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--probe-health", self.address],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self.process.stdout is not None
-        self.process.stdout.readline()  # "ready": connected, first check answered
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        out, _ = self.process.communicate(timeout=60)  # closing stdin stops it
-        result = json.loads(out)
-        self.seconds, self.failed = result["seconds"], result["failed"]
-
-
-def probe_health(address: str, every: float = 0.1) -> None:
-    """``--probe-health ADDRESS``: Check until stdin closes; print the latencies as JSON."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        check, request = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest()
-        check(request, timeout=30)
-        print("ready", flush=True)
-        seconds, failed = [], 0
-        while not select.select([sys.stdin], [], [], every)[0]:
-            start = time.perf_counter()
-            try:
-                check(request, timeout=10)
-            except grpc.RpcError:
-                failed += 1
-            seconds.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": seconds, "failed": failed}))
-
-
-async def loop_lag(stop: asyncio.Event, tick: float = 0.02) -> list[float]:
-    """How late this process's event loop wakes a sleeper (s), every ``tick`` until ``stop``:
-    where it lags, the client, not the server, is what the overload figures measure."""
-    lates = []
-    while not stop.is_set():
-        due = time.perf_counter() + tick
-        await asyncio.sleep(tick)
-        lates.append(max(0.0, time.perf_counter() - due))
-    return lates
-
-
 async def open_loop(channel, method, requests, rate: float, seconds: float, deadline: float):
     """Requests at ``rate``/s for ``seconds``, each with ``deadline``; outcomes."""
     import grpc
@@ -342,7 +283,6 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.VisionServiceStub(channel)
         firsts: list[float] = []
-        start = time.perf_counter()
 
         async def stream() -> str:
             """"OK", or what the stream got instead (an in-band error, a call's status)."""
@@ -362,11 +302,13 @@ async def streams_figures(address: str, count: int) -> dict[str, float]:
             return failures[0] if failures else "OK"
 
         with HealthProbe(address) as health:
+            start = time.perf_counter()  # the probe is up: its start-up is not the streams'
             outcomes = await asyncio.gather(*(stream() for _ in range(count)), return_exceptions=True)
     failed = collections.Counter(_stream_failure(o) for o in outcomes if o != "OK")
     return {"streams": count, "answered": count - sum(failed.values()), "failed": dict(failed),
             "slowest_first_s": max(firsts or [0]), "all_s": time.perf_counter() - start,
-            "health_max_s": max(health.seconds or [0]), "health_failed": health.failed}  # fmt: skip
+            "health_max_s": max(health.seconds or [0]), "health_checks": len(health.seconds),
+            "health_failed": health.failed}  # fmt: skip
 
 
 def _stream_failure(outcome: object) -> str:
@@ -375,30 +317,6 @@ def _stream_failure(outcome: object) -> str:
     if callable(details):
         return f"{outcome.code().name}: {details()}"[:160]
     return str(outcome)[:160]
-
-
-class ResidentMemory:
-    """The server's resident memory (MiB), sampled every 50 ms while in the ``with``."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
-        self.before = self.now()
-
-    def now(self) -> float:
-        return status_mib(self.pid, "VmRSS")
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> ResidentMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def served_figures(address: str, method: str, requests: list[bytes], floor: list[bytes],
@@ -470,16 +388,14 @@ def report(served: dict, streams: dict, args) -> None:
           f"{len(served['health'])} checks, {served['health_failed']} failed")
     print(f"streams: {streams['answered']}/{streams['streams']} streams answered both requests; "
           f"slowest first answer {streams['slowest_first_s']:.2f} s, all done in {streams['all_s']:.2f} s; "
-          f"health Check max {streams['health_max_s'] * 1e3:.1f} ms, {streams['health_failed']} failed")  # fmt: skip
+          f"health Check max {streams['health_max_s'] * 1e3:.1f} ms over {streams['health_checks']} checks, "
+          f"{streams['health_failed']} failed")  # fmt: skip
     if streams["failed"]:
         print(f"  streams that failed: {streams['failed']}")
 
 
 def main() -> int:
     args = parse_args()
-    if args.probe_health:
-        probe_health(args.probe_health)
-        return 0
     if args.client_slice_us:
         from visionserve.server.sched_slice import shorten_front_end
 

@@ -92,22 +92,20 @@ def test_grpc_pause_bench_prints_a_round_trip_per_pause() -> None:
 
 
 def test_overload_bench_probes_health_from_a_process_of_its_own(start_server) -> None:
-    """bench/overload.py's HealthProbe: a child process Checks a real server every 100 ms
-    until told to stop; checks after the server has gone count as failed."""
-    import importlib.util
+    """bench/overload.py's HealthProbe (bench/_watch.py): a child process Checks a real
+    server every 100 ms until told to stop; checks after the server has gone count as failed."""
     import time
 
-    spec = importlib.util.spec_from_file_location("overload_bench", BENCH / "overload.py")
-    overload = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overload)
+    sys.path.insert(0, str(BENCH))
+    import _watch
     server = start_server()
-    with overload.HealthProbe(f"127.0.0.1:{server.port}") as probe:
+    with _watch.HealthProbe(f"127.0.0.1:{server.port}") as probe:
         assert probe.process.pid != os.getpid()
         time.sleep(0.6)
     assert len(probe.seconds) >= 3 and probe.failed == 0, (probe.seconds, probe.failed)
     assert all(0 < s < 5 for s in probe.seconds)
     server = start_server()
-    with overload.HealthProbe(f"127.0.0.1:{server.port}") as probe:
+    with _watch.HealthProbe(f"127.0.0.1:{server.port}") as probe:
         server.stop(None).wait()
         time.sleep(0.6)
     assert probe.failed >= 1, (probe.seconds, probe.failed)
