@@ -56,7 +56,9 @@ class HealthProbe:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert self.process.stdout is not None
-        self.process.stdout.readline()  # "ready": connected, first check answered
+        if self.process.stdout.readline().strip() != "ready":  # connected, first check answered
+            self.process.kill()
+            raise RuntimeError(f"the health probe could not Check {self.address} (its error above)")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -91,12 +91,12 @@ def test_grpc_pause_bench_prints_a_round_trip_per_pause() -> None:
         assert grpc_ms > 0 and tcp_ms > 0, line
 
 
-def test_overload_bench_probes_health_from_a_process_of_its_own(start_server) -> None:
+def test_overload_bench_probes_health_from_a_process_of_its_own(start_server, monkeypatch) -> None:
     """bench/overload.py's HealthProbe (bench/_watch.py): a child process Checks a real
     server every 100 ms until told to stop; checks after the server has gone count as failed."""
     import time
 
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import _watch
     server = start_server()
     with _watch.HealthProbe(f"127.0.0.1:{server.port}") as probe:
